@@ -1,0 +1,122 @@
+"""Default config: the phantom chest X-ray set at 64×64, a CPU demo.
+
+Sized so that `make demo` trains a useful model in under 10 minutes on a
+2-core CPU. Variants (`chestxray14.py`, ...) import this file and override it.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+
+  # --- Data ---------------------------------------------------------------
+  # TFDS name of the data set: cxr_phantom | chestxray14 | covid3 | pretrain.
+  config.dataset = 'cxr_phantom'
+  # TFDS data directory; '' means `<workdir>/../data` is not used: TFDS's own
+  # default (~/tensorflow_datasets) holds prepared data.
+  config.data_dir = ''
+  # Side of the square grayscale images the model sees (a multiple of 64).
+  config.image_size = 64
+  # Dataset features that get a classifier head (in this order); () = all the
+  # data set has among: labels, view, sex, age (+ age_above_median), label.
+  config.head_features = ()
+  # Split used for evaluation during training.
+  config.eval_split = 'validation'
+  # Examples evaluated at each evaluation (0 = the whole split).
+  config.num_eval_examples = 0
+  # Shuffle buffer of the training stream (examples).
+  config.shuffle_buffer = 4096
+
+  # Phantom data set (used when dataset == 'cxr_phantom').
+  config.phantom = ml_collections.ConfigDict()
+  # Renderer variant: 'chestxray14' (15 findings) or 'covid3' (3 classes).
+  config.phantom.variant = 'chestxray14'
+  # Number of train / validation / test images rendered.
+  config.phantom.num_train = 20_000
+  config.phantom.num_validation = 2_000
+  config.phantom.num_test = 2_000
+  # Seed of the renderer (different seeds give different data sets).
+  config.phantom.seed = 0
+  # Confounder strength in [0, 1]: how strongly a support device follows a finding.
+  config.phantom.confounder_strength = 0.0
+
+  # --- Model --------------------------------------------------------------
+  config.model = ml_collections.ConfigDict()
+  # Widths of the six stride-2 encoder convs; the decoder mirrors them.
+  config.model.channels = (32, 48, 64, 96, 96, 96)
+  # Size of the latent space (the paper: 100 variables).
+  config.model.latent_dim = 100
+  # Width of the classifier's hidden dense layer.
+  config.model.classifier_hidden = 64
+  # Negative slope of every LeakyReLU (the paper: 0.15).
+  config.model.leaky_relu_slope = 0.15
+  # Compute dtype: float32, or bfloat16 on GPU/TPU (parameters stay float32).
+  config.model.dtype = 'float32'
+
+  # --- Losses -------------------------------------------------------------
+  config.loss = ml_collections.ConfigDict()
+  # Weight of 1 - SSIM (lung-weighted SSIM map) in the total loss.
+  config.loss.ssim_weight = 1.0
+  # Weight of the lung-weighted mean absolute reconstruction error.
+  config.loss.recon_weight = 1.0
+  # Weight inside the lungs of the lung weight map (1 outside the lungs).
+  config.loss.lung_weight = 4.0
+  # β of the β-VAE KL term (sum over latents, mean over the batch, per pixel).
+  config.loss.beta = 1.0
+  # Steps over which β ramps linearly from 0 to its value (0 = no warm-up).
+  config.loss.beta_warmup_steps = 0
+  # Weight of the classification losses (BCE / cross-entropy).
+  config.loss.classification_weight = 1.0
+  # Weight of the age regression loss (squared error on age / 100).
+  config.loss.age_weight = 1.0
+  # SSIM window: Gaussian filter size and sigma (dm-pix defaults are 11 / 1.5).
+  config.loss.ssim_filter_size = 7
+  config.loss.ssim_filter_sigma = 1.5
+
+  # --- Defects applied on the device to the model's input ----------------
+  config.defects = ml_collections.ConfigDict()
+  # Probability of a random rotation, and its maximum angle in degrees.
+  config.defects.rotate_prob = 0.5
+  config.defects.max_rotation_degrees = 15.0
+  # Probability of a horizontal flip.
+  config.defects.flip_prob = 0.5
+  # Probability of a Gaussian blur, and its sigma range in pixels at 64 px
+  # (scaled with image_size).
+  config.defects.blur_prob = 0.3
+  config.defects.blur_sigma_min = 0.5
+  config.defects.blur_sigma_max = 1.5
+  # Probability of histogram equalization.
+  config.defects.equalize_prob = 0.2
+  # Probability of autocontrast.
+  config.defects.autocontrast_prob = 0.2
+
+  # --- Optimisation -------------------------------------------------------
+  # Global batch size (split over all devices of all hosts).
+  config.batch_size = 64
+  # Number of training steps.
+  config.num_train_steps = 3_000
+  # Peak learning rate of Adam.
+  config.learning_rate = 2e-3
+  # Linear warm-up steps before cosine decay to 0.
+  config.warmup_steps = 200
+  # Global-norm gradient clipping (0 = off).
+  config.grad_clip_norm = 1.0
+  # Seed of parameter init, data order, defects and sampling.
+  config.seed = 0
+
+  # --- Loop ---------------------------------------------------------------
+  # Steps between training-metric logs.
+  config.log_every_steps = 100
+  # Steps between evaluations (and best-checkpoint decisions).
+  config.eval_every_steps = 1_000
+  # Steps between checkpoints.
+  config.checkpoint_every_steps = 500
+  # Checkpoints kept (besides the best by validation mean AUC).
+  config.keep_checkpoints = 3
+  # Stop with an error after this many consecutive non-finite steps.
+  config.max_consecutive_nonfinite = 5
+  # Images per evaluation grid (defective input | reconstruction | clean).
+  config.num_grid_images = 8
+
+  return config

@@ -1,0 +1,211 @@
+"""PumaMedNet-CXR (Minutti-Martinez et al., 2023, Sec. 2.1) in Flax NNX.
+
+A β-VAE whose latent also feeds a small classifier:
+
+  image ─▶ Encoder (6 stride-2 convs) ─▶ (mu, logvar) ─▶ z ─┬▶ Decoder (dense + 6 ConvTranspose) ─▶ image
+                                                            └▶ ClassifierHead (2 dense) ─▶ heads
+
+LeakyReLU(0.15) everywhere; no batch norm, dropout or skip connections (the
+paper found they cost explainability). The encoder uses 4×4 kernels with
+stride 2 and padding 1, as in the β-VAE of Burgess et al. (the paper's [7]),
+and the decoder mirrors it with 4×4 ConvTranspose (stride 2, padding 1), so
+every layer halves or doubles the size exactly and the PyTorch layers are
+`Conv2d(k=4, s=2, p=1)` / `ConvTranspose2d(k=4, s=2, p=1)`.
+"""
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from pumamednet_jax import heads as heads_lib
+
+NUM_STRIDED_LAYERS = 6  # six stride-2 layers: the bottleneck is image_size / 64
+KERNEL_SIZE = 4
+# lax padding of a k=4, s=2 layer that matches PyTorch's padding=1: the conv
+# pads 1 on each side; the transposed conv pads its dilated input k-1-p = 2.
+CONV_PADDING = ((1, 1), (1, 1))
+CONV_TRANSPOSE_PADDING = ((2, 2), (2, 2))
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Everything that fixes the architecture (and so the parameter shapes)."""
+
+  image_size: int
+  channels: tuple[int, ...]  # encoder conv widths; the decoder mirrors them
+  latent_dim: int
+  classifier_hidden: int
+  heads: tuple[heads_lib.HeadSpec, ...]
+  leaky_relu_slope: float = 0.15
+  # Compute dtype of convolutions and dense layers (parameters stay float32).
+  dtype: str = 'float32'
+
+  def __post_init__(self):
+    if len(self.channels) != NUM_STRIDED_LAYERS:
+      raise ValueError(
+          f'model.channels needs {NUM_STRIDED_LAYERS} widths, got {self.channels}')
+    if self.image_size % 2**NUM_STRIDED_LAYERS or self.image_size <= 0:
+      raise ValueError(
+          f'image_size must be a positive multiple of {2**NUM_STRIDED_LAYERS}, '
+          f'got {self.image_size}')
+
+  @property
+  def bottleneck_size(self) -> int:
+    return self.image_size // 2**NUM_STRIDED_LAYERS
+
+  @property
+  def num_outputs(self) -> int:
+    return sum(h.size for h in self.heads)
+
+  def to_json(self) -> dict[str, Any]:
+    data = dataclasses.asdict(self)
+    data['channels'] = list(self.channels)
+    data['heads'] = [h.to_json() for h in self.heads]
+    return data
+
+  @classmethod
+  def from_json(cls, data: dict[str, Any]) -> 'ModelConfig':
+    data = dict(data)
+    data['channels'] = tuple(data['channels'])
+    data['heads'] = tuple(heads_lib.HeadSpec.from_json(h) for h in data['heads'])
+    return cls(**data)
+
+
+def leaky_relu(x: jax.Array, slope: float) -> jax.Array:
+  return jnp.where(x >= 0, x, slope * x)
+
+
+class Encoder(nnx.Module):
+  """Six stride-2 convolutions, flatten, then two dense maps to mu and logvar."""
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    self.slope = config.leaky_relu_slope
+    dtype = jnp.dtype(config.dtype)
+    widths = (1, *config.channels)
+    self.convs = nnx.List([
+        nnx.Conv(cin, cout, (KERNEL_SIZE, KERNEL_SIZE), strides=2,
+                 padding=CONV_PADDING, dtype=dtype, rngs=rngs)
+        for cin, cout in zip(widths[:-1], widths[1:])
+    ])
+    flat = config.bottleneck_size**2 * config.channels[-1]
+    self.to_mu = nnx.Linear(flat, config.latent_dim, dtype=dtype, rngs=rngs)
+    self.to_logvar = nnx.Linear(flat, config.latent_dim, dtype=dtype, rngs=rngs)
+
+  def __call__(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+    x = images
+    for conv in self.convs:
+      x = leaky_relu(conv(x), self.slope)
+    # NHWC flatten; the PyTorch port reorders the dense rows to match it.
+    x = x.reshape(x.shape[0], -1)
+    return (self.to_mu(x).astype(jnp.float32),
+            self.to_logvar(x).astype(jnp.float32))
+
+
+class Decoder(nnx.Module):
+  """Dense from the latent to (S/64)×(S/64)×C, then six ConvTranspose layers."""
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    self.slope = config.leaky_relu_slope
+    self.bottleneck_shape = (config.bottleneck_size, config.bottleneck_size,
+                             config.channels[-1])
+    dtype = jnp.dtype(config.dtype)
+    flat = config.bottleneck_size**2 * config.channels[-1]
+    self.from_latent = nnx.Linear(config.latent_dim, flat, dtype=dtype, rngs=rngs)
+    widths = (*reversed(config.channels), 1)
+    self.deconvs = nnx.List([
+        nnx.ConvTranspose(cin, cout, (KERNEL_SIZE, KERNEL_SIZE), strides=2,
+                          padding=CONV_TRANSPOSE_PADDING, dtype=dtype, rngs=rngs)
+        for cin, cout in zip(widths[:-1], widths[1:])
+    ])
+
+  def __call__(self, z: jax.Array) -> jax.Array:
+    x = leaky_relu(self.from_latent(z), self.slope)
+    x = x.reshape(z.shape[0], *self.bottleneck_shape)
+    for deconv in self.deconvs[:-1]:
+      x = leaky_relu(deconv(x), self.slope)
+    return jax.nn.sigmoid(self.deconvs[-1](x).astype(jnp.float32))
+
+
+class ClassifierHead(nnx.Module):
+  """Two dense layers with ReLU between, from the latent to every head's logits."""
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    self.heads = config.heads
+    dtype = jnp.dtype(config.dtype)
+    self.hidden = nnx.Linear(config.latent_dim, config.classifier_hidden,
+                             dtype=dtype, rngs=rngs)
+    self.out = nnx.Linear(config.classifier_hidden, config.num_outputs,
+                          dtype=dtype, rngs=rngs)
+
+  def __call__(self, z: jax.Array) -> dict[str, jax.Array]:
+    logits = self.out(jax.nn.relu(self.hidden(z))).astype(jnp.float32)
+    return split_heads(logits, self.heads)
+
+
+def split_heads(logits: jax.Array,
+                heads: Sequence[heads_lib.HeadSpec]) -> dict[str, jax.Array]:
+  """Splits the classifier's concatenated logits into one array per head.
+
+  Multi-label and multi-class heads keep a trailing class axis; binary and
+  regression heads are squeezed to shape (batch,).
+  """
+  outputs, start = {}, 0
+  for head in heads:
+    part = logits[:, start:start + head.size]
+    start += head.size
+    if head.kind in (heads_lib.BINARY, heads_lib.REGRESSION):
+      part = part[:, 0]
+    outputs[head.name] = part
+  return outputs
+
+
+class PumaMedNet(nnx.Module):
+  """The β-VAE with a classifier on its latent (big_vision's VAE interface)."""
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    self.config = config
+    self.encoder = Encoder(config, rngs=rngs)
+    self.decoder = Decoder(config, rngs=rngs)
+    self.classifier = ClassifierHead(config, rngs=rngs)
+
+  def encode(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(B, S, S, 1) images in [0, 1] → (mu, logvar), each (B, latent_dim)."""
+    return self.encoder(images)
+
+  @staticmethod
+  def reparametrize(mu: jax.Array, logvar: jax.Array,
+                    rng: jax.Array) -> jax.Array:
+    """Samples z = mu + sigma * eps with eps ~ N(0, I)."""
+    eps = jax.random.normal(rng, mu.shape, mu.dtype)
+    return mu + jnp.exp(0.5 * logvar) * eps
+
+  def decode(self, z: jax.Array) -> jax.Array:
+    """(B, latent_dim) → (B, S, S, 1) images in [0, 1]."""
+    return self.decoder(z)
+
+  def classify(self, z: jax.Array) -> dict[str, jax.Array]:
+    """(B, latent_dim) → {head name: logits (or the scaled regression value)}."""
+    return self.classifier(z)
+
+  def __call__(self, images: jax.Array, rng: jax.Array | None = None,
+               *, train: bool = False):
+    """Returns (reconstruction, head outputs, {mu, logvar, z}).
+
+    When training, z is sampled with `rng`; otherwise z = mu.
+    """
+    mu, logvar = self.encode(images)
+    if train:
+      if rng is None:
+        raise ValueError('PumaMedNet(train=True) needs an rng to sample z')
+      z = self.reparametrize(mu, logvar, rng)
+    else:
+      z = mu
+    return self.decode(z), self.classify(z), {'mu': mu, 'logvar': logvar, 'z': z}
+
+
+def count_params(model: nnx.Module) -> int:
+  return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
