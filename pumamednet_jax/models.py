@@ -14,11 +14,13 @@ every layer halves or doubles the size exactly and the PyTorch layers are
 """
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from pumamednet_jax import heads as heads_lib
@@ -179,8 +181,16 @@ class PumaMedNet(nnx.Module):
   @staticmethod
   def reparametrize(mu: jax.Array, logvar: jax.Array,
                     rng: jax.Array) -> jax.Array:
-    """Samples z = mu + sigma * eps with eps ~ N(0, I)."""
-    eps = jax.random.normal(rng, mu.shape, mu.dtype)
+    """Samples z = mu + sigma * eps with eps ~ N(0, I).
+
+    `rng` is one key for the batch, or one key per example (shape (B,)), so
+    that an example's draw does not depend on how a batch is split over
+    devices.
+    """
+    if rng.ndim == 1:
+      eps = jax.vmap(lambda key: jax.random.normal(key, mu.shape[1:], mu.dtype))(rng)
+    else:
+      eps = jax.random.normal(rng, mu.shape, mu.dtype)
     return mu + jnp.exp(0.5 * logvar) * eps
 
   def decode(self, z: jax.Array) -> jax.Array:
@@ -209,3 +219,42 @@ class PumaMedNet(nnx.Module):
 
 def count_params(model: nnx.Module) -> int:
   return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def model_config(config, heads: Sequence[heads_lib.HeadSpec]) -> ModelConfig:
+  """The ModelConfig of an ml_collections config and the data set's heads."""
+  return ModelConfig(
+      image_size=config.image_size,
+      channels=tuple(config.model.channels),
+      latent_dim=config.model.latent_dim,
+      classifier_hidden=config.model.classifier_hidden,
+      heads=tuple(heads),
+      leaky_relu_slope=config.model.leaky_relu_slope,
+      dtype=config.model.dtype,
+  )
+
+
+def init_params(model_config: ModelConfig, seed: int) -> dict:
+  """Initial parameters as a nested dict of arrays (the checkpoint layout)."""
+  model = PumaMedNet(model_config, rngs=nnx.Rngs(seed))
+  return nnx.state(model, nnx.Param).to_pure_dict()
+
+
+def abstract_params(model_config: ModelConfig) -> dict:
+  """Shapes and dtypes of the parameters, without allocating them."""
+  return jax.eval_shape(lambda: init_params(model_config, 0))
+
+
+@functools.lru_cache(maxsize=16)
+def _graphdef(model_config: ModelConfig):
+  return nnx.graphdef(nnx.eval_shape(
+      lambda: PumaMedNet(model_config, rngs=nnx.Rngs(0))))
+
+
+def bind(model_config: ModelConfig, params: dict) -> PumaMedNet:
+  """A model that computes with the given parameters (inside jit, too)."""
+  return nnx.merge(_graphdef(model_config), params)
+
+
+def count_params_tree(params: dict) -> int:
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))

@@ -1,0 +1,154 @@
+"""Random image defects that the model learns to correct (paper Sec. 2.1.2, 3).
+
+Everything here runs on the accelerator inside the jitted train step: pure
+functions of (rng, image) for one (H, W, 1) float image in [0, 1], vmapped over
+the batch. The model sees the defective image; the losses compare its output
+with the clean one.
+
+Rotation, flip and blur come from dm-pix; dm-pix has no histogram equalization
+or autocontrast, so those two follow PIL's `ImageOps` (as torchvision's
+RandomEqualize / RandomAutocontrast do) in plain JAX.
+"""
+
+import dataclasses
+import math
+
+import dm_pix
+import jax
+import jax.numpy as jnp
+
+NUM_LEVELS = 256  # equalize works on 8-bit grey levels, like PIL
+
+
+@dataclasses.dataclass(frozen=True)
+class DefectConfig:
+  """Probabilities and ranges of the defects (from `config.defects`)."""
+
+  rotate_prob: float = 0.0
+  max_rotation_degrees: float = 0.0
+  flip_prob: float = 0.0
+  blur_prob: float = 0.0
+  blur_sigma_min: float = 0.5  # pixels at the image size of the config
+  blur_sigma_max: float = 1.5
+  equalize_prob: float = 0.0
+  autocontrast_prob: float = 0.0
+
+  @classmethod
+  def from_config(cls, config) -> 'DefectConfig':
+    """Reads `config.defects`; blur sigmas are given at 64 px and scaled."""
+    d = config.defects
+    scale = config.image_size / 64
+    for name in ('rotate_prob', 'flip_prob', 'blur_prob', 'equalize_prob',
+                 'autocontrast_prob'):
+      if not 0.0 <= d[name] <= 1.0:
+        raise ValueError(f'config.defects.{name} must be in [0, 1], got {d[name]}')
+    if not 0.0 < d.blur_sigma_min <= d.blur_sigma_max:
+      raise ValueError('config.defects.blur_sigma_min/blur_sigma_max must satisfy '
+                       f'0 < min <= max, got {d.blur_sigma_min}, {d.blur_sigma_max}')
+    if d.max_rotation_degrees < 0:
+      raise ValueError('config.defects.max_rotation_degrees must be >= 0, got '
+                       f'{d.max_rotation_degrees}')
+    return cls(
+        rotate_prob=d.rotate_prob,
+        max_rotation_degrees=d.max_rotation_degrees,
+        flip_prob=d.flip_prob,
+        blur_prob=d.blur_prob,
+        blur_sigma_min=d.blur_sigma_min * scale,
+        blur_sigma_max=d.blur_sigma_max * scale,
+        equalize_prob=d.equalize_prob,
+        autocontrast_prob=d.autocontrast_prob,
+    )
+
+  @property
+  def blur_kernel_size(self) -> int:
+    """Odd kernel covering ±3 sigma of the widest blur."""
+    return 2 * math.ceil(3 * self.blur_sigma_max) + 1
+
+
+def rotate(image: jax.Array, degrees: jax.Array) -> jax.Array:
+  """Rotates counter-clockwise about the centre; corners outside become black."""
+  return dm_pix.rotate(image, jnp.deg2rad(degrees), order=1, mode='constant',
+                       cval=0.0)
+
+
+def flip(image: jax.Array) -> jax.Array:
+  return dm_pix.flip_left_right(image)
+
+
+def blur(image: jax.Array, sigma: jax.Array, kernel_size: int) -> jax.Array:
+  return dm_pix.gaussian_blur(image, sigma, kernel_size)
+
+
+def equalize(image: jax.Array) -> jax.Array:
+  """Histogram equalization of the 8-bit grey levels (PIL's ImageOps.equalize).
+
+  The look-up table spreads the cumulative histogram evenly over 0..255; as in
+  PIL the most frequent top level is left out of the step, and an image with a
+  single grey level is returned unchanged.
+  """
+  levels = jnp.clip(jnp.round(image * (NUM_LEVELS - 1)), 0, NUM_LEVELS - 1)
+  levels = levels.astype(jnp.int32)
+  histogram = jnp.bincount(levels.ravel(), length=NUM_LEVELS)
+  last_nonzero = jnp.max(jnp.where(histogram > 0, jnp.arange(NUM_LEVELS), 0))
+  step = (jnp.sum(histogram) - histogram[last_nonzero]) // (NUM_LEVELS - 1)
+  safe_step = jnp.maximum(step, 1)
+  # Pixels below each level, shifted by half a step to round.
+  below = jnp.cumsum(histogram) - histogram
+  lut = jnp.clip((below + safe_step // 2) // safe_step, 0, NUM_LEVELS - 1)
+  equalized = lut[levels].astype(image.dtype) / (NUM_LEVELS - 1)
+  return jnp.where(step > 0, equalized, image)
+
+
+def autocontrast(image: jax.Array) -> jax.Array:
+  """Stretches the image linearly so that its minimum is 0 and its maximum 1."""
+  low, high = jnp.min(image), jnp.max(image)
+  stretched = (image - low) / jnp.maximum(high - low, 1e-12)
+  return jnp.where(high > low, stretched, image)
+
+
+def sample_defects(rng: jax.Array, config: DefectConfig) -> dict[str, jax.Array]:
+  """Draws which defects hit one image, and their strengths."""
+  keys = jax.random.split(rng, 7)
+  hit = lambda key, p: jax.random.uniform(key) < p
+  return {
+      'rotate': hit(keys[0], config.rotate_prob),
+      'degrees': jax.random.uniform(keys[1], minval=-config.max_rotation_degrees,
+                                    maxval=config.max_rotation_degrees),
+      'flip': hit(keys[2], config.flip_prob),
+      'blur': hit(keys[3], config.blur_prob),
+      'sigma': jax.random.uniform(keys[4], minval=config.blur_sigma_min,
+                                  maxval=config.blur_sigma_max),
+      'equalize': hit(keys[5], config.equalize_prob),
+      'autocontrast': hit(keys[6], config.autocontrast_prob),
+  }
+
+
+def apply_defects(image: jax.Array, defects: dict[str, jax.Array],
+                  config: DefectConfig) -> jax.Array:
+  """Applies the drawn defects in a fixed order: geometry, blur, then levels."""
+  if config.rotate_prob > 0:
+    image = jnp.where(defects['rotate'], rotate(image, defects['degrees']), image)
+  if config.flip_prob > 0:
+    image = jnp.where(defects['flip'], flip(image), image)
+  if config.blur_prob > 0:
+    blurred = blur(image, defects['sigma'], config.blur_kernel_size)
+    image = jnp.where(defects['blur'], blurred, image)
+  if config.equalize_prob > 0:
+    image = jnp.where(defects['equalize'], equalize(image), image)
+  if config.autocontrast_prob > 0:
+    image = jnp.where(defects['autocontrast'], autocontrast(image), image)
+  return image
+
+
+def random_defects(rng: jax.Array, image: jax.Array,
+                   config: DefectConfig) -> jax.Array:
+  """One (H, W, 1) image in [0, 1] → the same image with random defects."""
+  return apply_defects(image, sample_defects(rng, config), config)
+
+
+def random_defects_batch(rng: jax.Array, images: jax.Array,
+                         config: DefectConfig) -> jax.Array:
+  """(B, H, W, 1) images → defective images, an independent draw per image."""
+  keys = jax.random.split(rng, images.shape[0])
+  return jax.vmap(lambda key, image: random_defects(key, image, config))(
+      keys, images)

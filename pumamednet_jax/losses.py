@@ -1,0 +1,179 @@
+"""Loss terms of PumaMedNet (paper Sec. 2.1.4–2.1.5): pure jnp functions.
+
+Every term is a scalar averaged over the examples of the (per-device) batch;
+`total_loss` weighs them from config and returns each term for logging.
+"""
+
+import dataclasses
+
+import dm_pix
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from pumamednet_jax import assets
+from pumamednet_jax import heads as heads_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+  """Weights of the loss terms (from `config.loss`)."""
+
+  ssim_weight: float = 1.0
+  recon_weight: float = 1.0
+  beta: float = 1.0
+  beta_warmup_steps: int = 0
+  classification_weight: float = 1.0
+  age_weight: float = 1.0
+  ssim_filter_size: int = 7
+  ssim_filter_sigma: float = 1.5
+
+  @classmethod
+  def from_config(cls, config) -> 'LossConfig':
+    loss = config.loss
+    for name in ('ssim_weight', 'recon_weight', 'beta', 'classification_weight',
+                 'age_weight', 'beta_warmup_steps'):
+      if loss[name] < 0:
+        raise ValueError(f'config.loss.{name} must be >= 0, got {loss[name]}')
+    if loss.lung_weight < 1:
+      raise ValueError(
+          f'config.loss.lung_weight must be >= 1, got {loss.lung_weight}')
+    if not 1 <= loss.ssim_filter_size <= config.image_size:
+      raise ValueError('config.loss.ssim_filter_size must be in [1, image_size], '
+                       f'got {loss.ssim_filter_size}')
+    return cls(
+        ssim_weight=loss.ssim_weight,
+        recon_weight=loss.recon_weight,
+        beta=loss.beta,
+        beta_warmup_steps=loss.beta_warmup_steps,
+        classification_weight=loss.classification_weight,
+        age_weight=loss.age_weight,
+        ssim_filter_size=loss.ssim_filter_size,
+        ssim_filter_sigma=loss.ssim_filter_sigma,
+    )
+
+
+def lung_weight_map(image_size: int, lung_weight: float) -> np.ndarray:
+  """Per-pixel loss weights (paper Fig. 2a): 1 outside the lungs, up to
+  `lung_weight` where the population lung probability is 1. Shape (S, S, 1)."""
+  lung_probability = assets.lung_prior(image_size)
+  # The population map peaks below 1; its maximum gets the full lung weight.
+  lung_probability = lung_probability / max(float(lung_probability.max()), 1e-6)
+  weights = 1.0 + (lung_weight - 1.0) * lung_probability
+  return weights[..., None].astype(np.float32)
+
+
+def weighted_mean(values: jax.Array, weights: jax.Array) -> jax.Array:
+  """Mean over the trailing (H, W, C) axes of each example, weighted."""
+  axes = tuple(range(-3, 0))
+  weights = jnp.broadcast_to(weights, values.shape)
+  return jnp.sum(values * weights, axis=axes) / jnp.maximum(
+      jnp.sum(weights, axis=axes), 1e-12)
+
+
+def ssim_loss(reconstruction: jax.Array, target: jax.Array,
+              weight_map: jax.Array, filter_size: int,
+              filter_sigma: float) -> jax.Array:
+  """1 − SSIM, the per-pixel SSIM map averaged with the lung weight map.
+
+  dm-pix filters with 'valid' padding, so the weight map is cropped to the
+  SSIM map's support (the centre of the image).
+  """
+  ssim_map = dm_pix.ssim(reconstruction, target, max_val=1.0,
+                         filter_size=filter_size, filter_sigma=filter_sigma,
+                         return_map=True)
+  crop = (filter_size - 1) // 2
+  size = ssim_map.shape[-2]
+  weights = weight_map[crop:crop + size, crop:crop + size]
+  return jnp.mean(1.0 - weighted_mean(ssim_map, weights))
+
+
+def masked_reconstruction_loss(reconstruction: jax.Array, target: jax.Array,
+                               weight_map: jax.Array) -> jax.Array:
+  """Mean absolute error weighted per pixel; zero-weight pixels do not count."""
+  return jnp.mean(weighted_mean(jnp.abs(reconstruction - target), weight_map))
+
+
+def kl_divergence(mu: jax.Array, logvar: jax.Array) -> jax.Array:
+  """KL(N(mu, exp(logvar)) || N(0, I)): sum over latents, mean over the batch."""
+  per_example = 0.5 * jnp.sum(jnp.exp(logvar) + mu**2 - 1.0 - logvar, axis=-1)
+  return jnp.mean(per_example)
+
+
+def beta_at(step: jax.Array, config: LossConfig) -> jax.Array:
+  """β with an optional linear warm-up from 0."""
+  if config.beta_warmup_steps <= 0:
+    return jnp.asarray(config.beta, jnp.float32)
+  ramp = jnp.minimum(step.astype(jnp.float32) / config.beta_warmup_steps, 1.0)
+  return config.beta * ramp
+
+
+def _masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
+  return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def head_loss(head: heads_lib.HeadSpec, output: jax.Array, target: jax.Array,
+              mask: jax.Array) -> jax.Array:
+  """The loss of one head; `mask` marks the targets that are known (1) or not."""
+  if head.kind in (heads_lib.MULTILABEL, heads_lib.BINARY):
+    bce = optax.sigmoid_binary_cross_entropy(output, target.astype(jnp.float32))
+    return _masked_mean(bce, jnp.broadcast_to(mask, bce.shape))
+  if head.kind == heads_lib.MULTICLASS:
+    ce = optax.softmax_cross_entropy_with_integer_labels(
+        output, target.astype(jnp.int32))
+    return _masked_mean(ce, mask)
+  # Regression: squared error on the scaled target (age / 100).
+  error = output - target.astype(jnp.float32) / head.scale
+  return _masked_mean(error**2, mask)
+
+
+def target_mask(batch: dict[str, jax.Array], head: heads_lib.HeadSpec,
+                target: jax.Array) -> jax.Array:
+  """`<name>_mask` from the batch, or all ones (every target known)."""
+  mask = batch.get(f'{head.name}_mask')
+  if mask is None:
+    return jnp.ones(target.shape, jnp.float32)
+  return mask.astype(jnp.float32)
+
+
+def total_loss(
+    *,
+    reconstruction: jax.Array,
+    clean: jax.Array,
+    head_outputs: dict[str, jax.Array],
+    latents: dict[str, jax.Array],
+    batch: dict[str, jax.Array],
+    heads: tuple[heads_lib.HeadSpec, ...],
+    weight_map: jax.Array,
+    step: jax.Array,
+    config: LossConfig,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Weighted sum of all terms, and every term on its own for logging.
+
+  β multiplies the KL divided by the number of pixels, because the
+  reconstruction terms are per-pixel means: β = 1 is then the plain VAE
+  objective (reconstruction summed over pixels + KL) and β > 1 the β-VAE.
+  """
+  terms = {
+      'ssim': ssim_loss(reconstruction, clean, weight_map,
+                        config.ssim_filter_size, config.ssim_filter_sigma),
+      'recon': masked_reconstruction_loss(reconstruction, clean, weight_map),
+      'kl': kl_divergence(latents['mu'], latents['logvar']),
+  }
+  num_pixels = np.prod(clean.shape[1:])
+  beta = beta_at(step, config)
+  total = (config.ssim_weight * terms['ssim'] +
+           config.recon_weight * terms['recon'] +
+           beta * terms['kl'] / num_pixels)
+  for head in heads:
+    target = batch[head.name]
+    loss = head_loss(head, head_outputs[head.name], target,
+                     target_mask(batch, head, target))
+    terms[f'head/{head.name}'] = loss
+    weight = (config.age_weight if head.kind == heads_lib.REGRESSION else
+              config.classification_weight)
+    total = total + weight * loss
+  terms['beta'] = beta
+  terms['total'] = total
+  return total, terms

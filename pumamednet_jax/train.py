@@ -1,0 +1,451 @@
+"""Training and evaluation of PumaMedNet: state, data-parallel steps, the loop."""
+
+import dataclasses
+import functools
+import math
+import os
+import signal
+from typing import Any
+
+import dm_pix
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from clu import metric_writers
+from clu import periodic_actions
+from jax.sharding import PartitionSpec as P
+from PIL import Image
+
+from input_pipeline import pipeline
+from pumamednet_jax import checkpoints
+from pumamednet_jax import defects as defects_lib
+from pumamednet_jax import heads as heads_lib
+from pumamednet_jax import losses
+from pumamednet_jax import metrics as metrics_lib
+from pumamednet_jax import models
+from pumamednet_jax import parallel
+
+# Streams of randomness folded into the seed, so train and eval never share.
+TRAIN_STREAM, EVAL_STREAM = 0, 1
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: dict
+  opt_state: Any
+  nonfinite_consecutive: jax.Array  # non-finite steps in a row
+  nonfinite_total: jax.Array  # non-finite (skipped) steps in the run
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+  """What the jitted steps close over: computed once from the config, so the
+  hot path never reads the config."""
+
+  model: models.ModelConfig
+  loss: losses.LossConfig
+  defects: defects_lib.DefectConfig
+  seed: int
+
+
+def check_config(config) -> None:
+  """Fails before any compute on a bad config, naming the key."""
+  if config.dataset not in pipeline.KNOWN_DATASETS:
+    raise ValueError(f'config.dataset: unknown data set {config.dataset!r}; '
+                     f'known: {", ".join(pipeline.KNOWN_DATASETS)}')
+  step = 2**models.NUM_STRIDED_LAYERS
+  if config.image_size <= 0 or config.image_size % step:
+    raise ValueError(f'config.image_size must be a positive multiple of {step}, '
+                     f'got {config.image_size}')
+  if len(config.model.channels) != models.NUM_STRIDED_LAYERS or min(
+      config.model.channels) <= 0:
+    raise ValueError(f'config.model.channels needs {models.NUM_STRIDED_LAYERS} '
+                     f'positive widths, got {tuple(config.model.channels)}')
+  for key in ('latent_dim', 'classifier_hidden'):
+    if config.model[key] <= 0:
+      raise ValueError(f'config.model.{key} must be > 0, got {config.model[key]}')
+  if config.model.dtype not in ('float32', 'bfloat16'):
+    raise ValueError("config.model.dtype must be 'float32' or 'bfloat16', got "
+                     f'{config.model.dtype!r}')
+  for key in ('batch_size', 'log_every_steps', 'eval_every_steps',
+              'checkpoint_every_steps', 'keep_checkpoints',
+              'max_consecutive_nonfinite'):
+    if config[key] <= 0:
+      raise ValueError(f'config.{key} must be > 0, got {config[key]}')
+  for key in ('num_train_steps', 'warmup_steps', 'grad_clip_norm',
+              'num_eval_examples', 'num_grid_images'):
+    if config[key] < 0:
+      raise ValueError(f'config.{key} must be >= 0, got {config[key]}')
+  if config.learning_rate <= 0:
+    raise ValueError(f'config.learning_rate must be > 0, got {config.learning_rate}')
+  parallel.check_batch_size(config.batch_size)
+  losses.LossConfig.from_config(config)
+  defects_lib.DefectConfig.from_config(config)
+
+
+def create_optimizer(config) -> optax.GradientTransformation:
+  """Adam with linear warm-up and cosine decay, after global-norm clipping."""
+  schedule = optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=config.learning_rate,
+      warmup_steps=min(config.warmup_steps, max(config.num_train_steps - 1, 0)),
+      decay_steps=max(config.num_train_steps, 1), end_value=0.0)
+  parts = []
+  if config.grad_clip_norm > 0:
+    parts.append(optax.clip_by_global_norm(config.grad_clip_norm))
+  parts.append(optax.adam(schedule))
+  return optax.chain(*parts)
+
+
+def create_train_state(model_config: models.ModelConfig,
+                       optimizer: optax.GradientTransformation,
+                       seed: int) -> TrainState:
+  params = models.init_params(model_config, seed)
+  return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      opt_state=optimizer.init(params),
+      nonfinite_consecutive=jnp.zeros((), jnp.int32),
+      nonfinite_total=jnp.zeros((), jnp.int32),
+  )
+
+
+def example_keys(seed: int, stream: int, counter: jax.Array,
+                 positions: jax.Array) -> jax.Array:
+  """One key per example, from (seed, stream, step or batch, position): the
+  draws of an example do not depend on how batches are split over devices."""
+  base = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), stream),
+                            counter)
+  return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(base, positions)
+
+
+def _defective_inputs(batch, keys, defect_config):
+  clean = batch['image'].astype(jnp.float32) / 255.0
+  defect_keys = jax.vmap(lambda k: jax.random.fold_in(k, 0))(keys)
+  defective = jax.vmap(
+      lambda key, image: defects_lib.random_defects(key, image, defect_config))(
+          defect_keys, clean)
+  return clean, defective
+
+
+def _all_finite(tree) -> jax.Array:
+  return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], *,
+               step_config: StepConfig, optimizer: optax.GradientTransformation,
+               weight_map: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimisation step, written per device (call it inside shard_map)."""
+  local_size = batch['image'].shape[0]
+  keys = example_keys(step_config.seed, TRAIN_STREAM, state.step,
+                      parallel.example_index(local_size))
+  clean, defective = _defective_inputs(batch, keys, step_config.defects)
+  latent_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
+
+  def loss_fn(params):
+    model = models.bind(step_config.model, params)
+    reconstruction, head_outputs, latents = model(defective, latent_keys,
+                                                  train=True)
+    return losses.total_loss(
+        reconstruction=reconstruction, clean=clean, head_outputs=head_outputs,
+        latents=latents, batch=batch, heads=step_config.model.heads,
+        weight_map=weight_map, step=state.step, config=step_config.loss)
+
+  (_, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  grads = jax.lax.pmean(grads, parallel.AXIS)
+  terms = jax.lax.pmean(terms, parallel.AXIS)
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  # A non-finite loss or gradient never reaches the parameters.
+  finite = jnp.isfinite(terms['total']) & _all_finite(grads)
+  keep_if_bad = lambda new, old: jnp.where(finite, new, old)
+  new_state = TrainState(
+      step=state.step + 1,
+      params=jax.tree.map(keep_if_bad, params, state.params),
+      opt_state=jax.tree.map(keep_if_bad, opt_state, state.opt_state),
+      nonfinite_consecutive=jnp.where(finite, 0, state.nonfinite_consecutive + 1),
+      nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32),
+  )
+  step_metrics = dict(terms)
+  step_metrics['grad_norm'] = optax.global_norm(grads)
+  step_metrics['nonfinite'] = (~finite).astype(jnp.float32)
+  step_metrics['nonfinite_consecutive'] = new_state.nonfinite_consecutive
+  return new_state, step_metrics
+
+
+def head_scores(head: heads_lib.HeadSpec, output: jax.Array) -> jax.Array:
+  """Probabilities (or the regression value in the target's units)."""
+  if head.kind == heads_lib.MULTICLASS:
+    return jax.nn.softmax(output, axis=-1)
+  if head.kind == heads_lib.REGRESSION:
+    return output * head.scale
+  return jax.nn.sigmoid(output)
+
+
+def eval_step(params: dict, batch: dict[str, jax.Array], *,
+              step_config: StepConfig) -> dict[str, jax.Array]:
+  """Per-example eval outputs, written per device (call it inside shard_map).
+
+  The defects of an example are a fixed function of its position in the split,
+  so every evaluation scores the same defective images; z = mu.
+  """
+  keys = example_keys(step_config.seed, EVAL_STREAM, 0, batch['index'])
+  clean, defective = _defective_inputs(batch, keys, step_config.defects)
+  model = models.bind(step_config.model, params)
+  reconstruction, head_outputs, _ = model(defective, train=False)
+  ssim = functools.partial(dm_pix.ssim, max_val=1.0,
+                           filter_size=step_config.loss.ssim_filter_size,
+                           filter_sigma=step_config.loss.ssim_filter_sigma)
+  outputs = {
+      'valid': batch['valid'],
+      'ssim_reconstruction': ssim(reconstruction, clean),
+      'ssim_defective': ssim(defective, clean),
+  }
+  for head in step_config.model.heads:
+    target = batch[head.name]
+    outputs[f'{head.name}/score'] = head_scores(head, head_outputs[head.name])
+    outputs[f'{head.name}/target'] = target.astype(jnp.float32)
+    outputs[f'{head.name}/mask'] = losses.target_mask(batch, head, target)
+  return outputs
+
+
+def image_grid_step(params: dict, batch: dict[str, jax.Array], *,
+                    step_config: StepConfig) -> jax.Array:
+  """(B, S, 3S) rows of defective input | reconstruction | clean image."""
+  keys = example_keys(step_config.seed, EVAL_STREAM, 0, batch['index'])
+  clean, defective = _defective_inputs(batch, keys, step_config.defects)
+  reconstruction, _, _ = models.bind(step_config.model, params)(defective)
+  return jnp.concatenate([defective, reconstruction, clean], axis=2)[..., 0]
+
+
+def make_steps(mesh, step_config: StepConfig, optimizer, weight_map):
+  """The data-parallel (jit ∘ shard_map) train, eval and image-grid steps."""
+  train = parallel.data_parallel(
+      functools.partial(train_step, step_config=step_config, optimizer=optimizer,
+                        weight_map=weight_map),
+      mesh, out_specs=(parallel.REPLICATED, parallel.REPLICATED),
+      donate_state=True)
+  evaluate = parallel.data_parallel(
+      functools.partial(eval_step, step_config=step_config), mesh,
+      out_specs=parallel.SHARDED, donate_state=False)
+  grid = parallel.data_parallel(
+      functools.partial(image_grid_step, step_config=step_config), mesh,
+      out_specs=parallel.SHARDED, donate_state=False)
+  return train, evaluate, grid
+
+
+def evaluate(eval_fn, grid_fn, params, batches, mesh, heads,
+             num_grid_images: int) -> tuple[dict[str, float], np.ndarray | None]:
+  """Runs the eval step over the batches; returns metrics and an image grid."""
+  collected, grid = None, None
+  for batch in batches:
+    sharded = parallel.shard_batch(batch, mesh)
+    outputs = parallel.gather(eval_fn(params, sharded))
+    if collected is None:
+      collector = metrics_lib.eval_collector(outputs.keys())
+      collected = collector.empty()
+    collected = collected.merge(collector.from_model_output(**outputs))
+    if grid is None and num_grid_images:
+      rows = parallel.gather(grid_fn(params, sharded))[:num_grid_images]
+      grid = np.concatenate(list(rows), axis=0)
+  if collected is None:
+    raise ValueError('the eval split has no examples')
+  return metrics_lib.eval_report(collected.compute(), heads), grid
+
+
+def write_grid(workdir: str, step: int, grid: np.ndarray) -> str:
+  path = os.path.join(workdir, 'images', f'grid_{step:07d}.png')
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  Image.fromarray(np.uint8(np.clip(grid, 0, 1) * 255 + 0.5)).save(path)
+  return path
+
+
+class _Preemption:
+  """Turns SIGTERM into a flag that the loop checks after each step."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    def handler(signum, frame):
+      del signum, frame
+      self.requested = True
+    try:
+      self._previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+      self._previous = None
+    return self
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def restore_or_init(manager, model_config, optimizer, seed: int, mesh):
+  """The latest checkpoint's state, or a fresh one; replicated over the mesh.
+
+  Initialisation goes through `jax.eval_shape` first, so restoring never
+  allocates a throw-away model.
+  """
+  abstract = jax.eval_shape(
+      lambda: create_train_state(model_config, optimizer, seed))
+  replicated = jax.sharding.NamedSharding(mesh, parallel.REPLICATED)
+  abstract = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+      abstract)
+  step = manager.latest_step()
+  if step is None:
+    init = jax.jit(lambda: create_train_state(model_config, optimizer, seed),
+                   out_shardings=replicated)
+    return init()
+  saved_config = checkpoints.restore_model_config(manager, step)
+  if saved_config != model_config:
+    raise ValueError(
+        f'the checkpoint at step {step} in {manager.directory} was written for '
+        f'another model ({saved_config}); this config builds {model_config}. '
+        'Use a fresh --workdir or the matching config.')
+  restored = checkpoints.restore(manager, step, abstract_params=abstract.params,
+                                 abstract_opt_state=abstract.opt_state)
+  meta = restored['train_meta']
+  if 'opt_state' in restored:
+    opt_state = restored['opt_state']
+  else:  # imported weights: a fresh optimizer
+    logging.info('checkpoint %d has no optimizer state; starting Adam afresh', step)
+    opt_state = jax.jit(optimizer.init, out_shardings=replicated)(restored['params'])
+  counter = lambda value: jax.device_put(jnp.asarray(value, jnp.int32), replicated)
+  return TrainState(
+      step=counter(step),
+      params=restored['params'],
+      opt_state=opt_state,
+      nonfinite_consecutive=counter(meta.get('nonfinite_consecutive', 0)),
+      nonfinite_total=counter(meta.get('nonfinite_total', 0)),
+  )
+
+
+def _save(manager, state: TrainState, model_config, eval_metrics=None,
+          force=False) -> None:
+  step = int(state.step)
+  train_meta = {
+      'nonfinite_consecutive': int(state.nonfinite_consecutive),
+      'nonfinite_total': int(state.nonfinite_total),
+  }
+  best_metric = None
+  if eval_metrics is not None and not math.isnan(eval_metrics['mean_auc']):
+    best_metric = {checkpoints.BEST_METRIC: eval_metrics['mean_auc']}
+  checkpoints.save(manager, step, params=state.params, opt_state=state.opt_state,
+                   train_meta=train_meta, model_config=model_config,
+                   metrics=best_metric, force=force)
+
+
+def train_and_evaluate(config, workdir: str) -> dict[str, float]:
+  """Trains (resuming from the latest checkpoint in `workdir`) and evaluates;
+  returns the final eval metrics."""
+  check_config(config)
+  os.makedirs(workdir, exist_ok=True)
+  builder = pipeline.get_builder(config)
+  pipeline.prepare(builder)
+  heads = pipeline.head_specs(builder, config.head_features)
+  model_config = models.model_config(config, heads)
+  step_config = StepConfig(
+      model=model_config, loss=losses.LossConfig.from_config(config),
+      defects=defects_lib.DefectConfig.from_config(config), seed=config.seed)
+  mesh = parallel.create_mesh()
+  optimizer = create_optimizer(config)
+  weight_map = jnp.asarray(losses.lung_weight_map(config.image_size,
+                                                  config.loss.lung_weight))
+  train_fn, eval_fn, grid_fn = make_steps(mesh, step_config, optimizer, weight_map)
+
+  manager = checkpoints.create_manager(workdir, keep=config.keep_checkpoints)
+  state = restore_or_init(manager, model_config, optimizer, config.seed, mesh)
+  start_step = int(state.step)
+  is_main = jax.process_index() == 0
+  writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
+  if start_step == 0:
+    writer.write_hparams({k: v for k, v in config.to_dict().items()
+                          if isinstance(v, (int, float, str, bool))})
+  logging.info('model: %d parameters; heads: %s; devices: %d on %d process(es); '
+               'starting at step %d of %d', models.count_params_tree(state.params),
+               [h.name for h in heads], jax.device_count(), jax.process_count(),
+               start_step, config.num_train_steps)
+
+  def eval_batches():
+    return pipeline.create_eval_batches(
+        builder, heads, split=config.eval_split,
+        global_batch_size=config.batch_size,
+        num_examples_limit=config.num_eval_examples,
+        process_index=jax.process_index(), process_count=jax.process_count())
+
+  def run_eval(step):
+    with report_progress.timed('eval'):
+      report, grid = evaluate(eval_fn, grid_fn, state.params, eval_batches(),
+                              mesh, heads, config.num_grid_images)
+    writer.write_scalars(step, {f'eval/{k}': v for k, v in report.items()})
+    if grid is not None and is_main:
+      writer.write_images(step, {'eval/defective|reconstruction|clean':
+                                 grid[None, ..., None]})
+      write_grid(workdir, step, grid)
+    logging.info('eval at step %d: mean_auc=%.4f ssim reconstruction=%.4f '
+                 'defective=%.4f', step, report['mean_auc'],
+                 report['ssim_reconstruction'], report['ssim_defective'])
+    return report
+
+  train_iter = pipeline.create_train_iterator(
+      builder, heads, seed=config.seed, global_batch_size=config.batch_size,
+      start_step=start_step, shuffle_buffer=config.shuffle_buffer,
+      process_index=jax.process_index(), process_count=jax.process_count())
+  report_progress = periodic_actions.ReportProgress(
+      num_train_steps=config.num_train_steps, writer=writer)
+  collection, train_metrics = None, None
+  pending = None  # the previous step's metrics, checked one step late
+  report = None
+  with _Preemption() as preemption:
+    for step in range(start_step + 1, config.num_train_steps + 1):
+      with jax.profiler.StepTraceAnnotation('train', step_num=step):
+        batch = parallel.shard_batch(next(train_iter), mesh)
+        state, step_metrics = train_fn(state, batch)
+      if pending is not None:
+        _check_nonfinite(pending, config, manager)
+      pending = step_metrics
+      if collection is None:
+        collection = metrics_lib.train_collection(step_metrics.keys())
+      merged = collection.single_from_model_output(**step_metrics)
+      train_metrics = merged if train_metrics is None else train_metrics.merge(merged)
+      report_progress(step)
+      last = step == config.num_train_steps
+      if step % config.log_every_steps == 0 or last:
+        values = train_metrics.compute()
+        writer.write_scalars(step, {f'train/{k}': v for k, v in values.items()})
+        train_metrics = None
+      is_eval = step % config.eval_every_steps == 0 or last
+      report = run_eval(step) if is_eval else None
+      if (is_eval or step % config.checkpoint_every_steps == 0 or
+          preemption.requested):
+        _save(manager, state, model_config, report, force=preemption.requested)
+      if preemption.requested:
+        manager.wait_until_finished()
+        logging.warning('SIGTERM: saved the checkpoint of step %d; exiting', step)
+        writer.flush()
+        raise SystemExit(128 + signal.SIGTERM)
+    if pending is not None:
+      _check_nonfinite(pending, config, manager)
+  if report is None:  # nothing left to train: evaluate the checkpoint
+    report = run_eval(start_step)
+  manager.wait_until_finished()
+  writer.flush()
+  return report
+
+
+def _check_nonfinite(step_metrics, config, manager) -> None:
+  consecutive = int(step_metrics['nonfinite_consecutive'])
+  if consecutive >= config.max_consecutive_nonfinite:
+    manager.wait_until_finished()
+    raise FloatingPointError(
+        f'{consecutive} consecutive training steps had a non-finite loss or '
+        f'gradient (config.max_consecutive_nonfinite = '
+        f'{config.max_consecutive_nonfinite}); they were skipped, and the last '
+        f'good checkpoint is step {manager.latest_step()} in {manager.directory}. '
+        'Lower config.learning_rate or check the data.')
