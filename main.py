@@ -22,9 +22,20 @@ flags.DEFINE_integer('process_id', None, 'Index of this process.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
+class _QuietLibraries:
+  """Drops the INFO chatter of orbax and TFDS from the log (warnings stay)."""
+
+  NOISY = ('/orbax/', '/tensorflow_datasets/')
+
+  def filter(self, record) -> bool:
+    return record.levelno > logging.converter.STANDARD_INFO or not any(
+        part in record.pathname for part in self.NOISY)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  logging.get_absl_handler().python_handler.addFilter(_QuietLibraries())
   # TensorFlow only reads data here; keep it off the accelerators JAX uses.
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], 'GPU')

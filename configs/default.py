@@ -13,14 +13,20 @@ def get_config() -> ml_collections.ConfigDict:
   # --- Data ---------------------------------------------------------------
   # TFDS name of the data set: cxr_phantom | chestxray14 | covid3 | pretrain.
   config.dataset = 'cxr_phantom'
-  # TFDS data directory; '' means `<workdir>/../data` is not used: TFDS's own
-  # default (~/tensorflow_datasets) holds prepared data.
+  # TFDS data directory of prepared data ('' = TFDS's ~/tensorflow_datasets).
   config.data_dir = ''
   # Side of the square grayscale images the model sees (a multiple of 64).
   config.image_size = 64
   # Dataset features that get a classifier head (in this order); () = all the
   # data set has among: labels, view, sex, age (+ age_above_median), label.
   config.head_features = ()
+  # Real sets: share of train carved out as validation (None = the set's
+  # default, ChestX-ray14 10% of its train_val patients), as prepared.
+  config.validation_fraction = ml_collections.config_dict.placeholder(float)
+  # Folder sets without a test folder: share carved out as test (None = default).
+  config.test_fraction = ml_collections.config_dict.placeholder(float)
+  # Seed of those carvings (by patient for ChestX-ray14), as prepared.
+  config.split_seed = 0
   # Split used for evaluation during training.
   config.eval_split = 'validation'
   # Examples evaluated at each evaluation (0 = the whole split).

@@ -26,8 +26,11 @@ from pumamednet_jax import heads as heads_lib
 HEAD_FEATURES = ('labels', 'view', 'sex', 'age', 'label')
 AGE_ABOVE_MEDIAN = 'age_above_median'
 AGE_SCALE = 100.0  # the age head predicts years / 100
-KNOWN_DATASETS = ('cxr_phantom', 'chestxray14', 'covid3', 'textures',
-                  'medical_mnist')
+FOLDER_DATASETS = ('covid3', 'textures', 'medical_mnist')
+KNOWN_DATASETS = ('cxr_phantom', 'chestxray14', *FOLDER_DATASETS)
+# Data sets rendered on first use; the others are prepared by
+# `python -m input_pipeline.prepare` from the user's files.
+GENERATED_DATASETS = ('cxr_phantom',)
 
 
 def get_builder(config) -> tfds.core.DatasetBuilder:
@@ -42,13 +45,36 @@ def get_builder(config) -> tfds.core.DatasetBuilder:
         num_train=phantom.num_train, num_validation=phantom.num_validation,
         num_test=phantom.num_test, seed=phantom.seed,
         confounder_strength=phantom.confounder_strength)
+  if name == 'chestxray14':
+    from input_pipeline import chestxray14  # pylint: disable=g-import-not-at-top
+    kwargs = {}
+    if config.validation_fraction is not None:
+      kwargs['validation_fraction'] = config.validation_fraction
+    return chestxray14.builder(data_dir=data_dir, image_size=config.image_size,
+                               split_seed=config.split_seed, **kwargs)
+  if name in FOLDER_DATASETS:
+    from input_pipeline import folders  # pylint: disable=g-import-not-at-top
+    return folders.builder(name, data_dir=data_dir, image_size=config.image_size,
+                           validation_fraction=config.validation_fraction,
+                           test_fraction=config.test_fraction,
+                           split_seed=config.split_seed)
   raise ValueError(f'config.dataset: unknown data set {name!r}; known: '
                    f'{", ".join(KNOWN_DATASETS)}')
 
 
 def prepare(builder: tfds.core.DatasetBuilder) -> None:
   """Renders the phantom on first use; real sets must have been prepared."""
-  builder.download_and_prepare()
+  if builder.name in GENERATED_DATASETS:
+    builder.download_and_prepare()
+    return
+  if not builder.is_prepared():
+    raise FileNotFoundError(
+        f'data set {builder.name} (config {builder.builder_config.name}) is not '
+        f'prepared in {builder.data_dir_root}. Prepare it once with:\n  python '
+        f'-m input_pipeline.prepare --dataset {builder.name} --manual_dir DIR '
+        f'--data_dir {builder.data_dir_root} --image_size '
+        f'{builder.builder_config.image_size}\n(see README, "Real data sets"), '
+        'and pass the same --data_dir as --config.data_dir.')
 
 
 def age_median(builder: tfds.core.DatasetBuilder) -> float:

@@ -170,7 +170,7 @@ def total_loss(
     target = batch[head.name]
     loss = head_loss(head, head_outputs[head.name], target,
                      target_mask(batch, head, target))
-    terms[f'head/{head.name}'] = loss
+    terms[f'head_{head.name}'] = loss
     weight = (config.age_weight if head.kind == heads_lib.REGRESSION else
               config.classification_weight)
     total = total + weight * loss

@@ -1,0 +1,29 @@
+# Fresh machine: `make demo` (train + evaluate on the phantom) or `make test`.
+# Both create .venv from the pinned requirements.txt when it is missing.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+WORKDIR ?= workdir/demo
+CONFIG ?= configs/default.py
+
+.PHONY: setup demo test summary benchmark clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	touch $@
+
+demo: setup
+	$(PY) main.py --config=$(CONFIG) --workdir=$(WORKDIR)
+
+test: setup
+	$(PY) -m pytest -q tests
+
+summary: setup
+	$(PY) -m pumamednet_jax.summary --config=$(CONFIG)
+
+clean:
+	rm -rf $(VENV) workdir

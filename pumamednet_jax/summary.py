@@ -1,0 +1,90 @@
+"""Model summary: `python -m pumamednet_jax.summary --config CONFIG`.
+
+Prints the per-module parameter table, the forward and train-step FLOPs per
+image from XLA's cost analysis, and as its last line `total_params: N`.
+Needs no prepared data: the heads come from the data set's feature spec.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from absl import app
+from absl import flags
+from clu import parameter_overview
+from ml_collections import config_flags
+
+from input_pipeline import pipeline
+from pumamednet_jax import defects
+from pumamednet_jax import losses
+from pumamednet_jax import models
+from pumamednet_jax import parallel
+from pumamednet_jax import train
+
+config_flags.DEFINE_config_file('config', None, 'Configuration file.',
+                                lock_config=True)
+flags.mark_flags_as_required(['config'])
+FLAGS = flags.FLAGS
+
+
+def abstract_batch(config, heads, batch_size: int) -> dict:
+  """Shapes of a training batch, for lowering without data."""
+  size = config.image_size
+  batch = {'image': jax.ShapeDtypeStruct((batch_size, size, size, 1), jnp.uint8)}
+  for head in heads:
+    shape = (batch_size, head.size) if head.kind == 'multilabel' else (batch_size,)
+    dtype = jnp.int32 if head.kind == 'multiclass' else jnp.float32
+    batch[head.name] = jax.ShapeDtypeStruct(shape, dtype)
+  return batch
+
+
+def flops(compiled) -> float:
+  analysis = compiled.cost_analysis()
+  if isinstance(analysis, (list, tuple)):  # older JAX: one dict per program
+    analysis = analysis[0]
+  return float(analysis.get('flops', float('nan')))
+
+
+def forward_flops_per_image(model_config: models.ModelConfig,
+                            batch_size: int) -> float:
+  params = models.abstract_params(model_config)
+  size = model_config.image_size
+  images = jax.ShapeDtypeStruct((batch_size, size, size, 1), jnp.float32)
+  forward = jax.jit(lambda p, x: models.bind(model_config, p)(x))
+  return flops(forward.lower(params, images).compile()) / batch_size
+
+
+def train_flops_per_image(config, model_config, batch_size: int) -> float:
+  """FLOPs of one whole train step (defects, model, losses, Adam) per image."""
+  step_config = train.StepConfig(
+      model=model_config, loss=losses.LossConfig.from_config(config),
+      defects=defects.DefectConfig.from_config(config), seed=0)
+  optimizer = train.create_optimizer(config)
+  mesh = jax.sharding.Mesh(jax.devices()[:1], (parallel.AXIS,))
+  weight_map = jnp.asarray(losses.lung_weight_map(config.image_size,
+                                                  config.loss.lung_weight))
+  train_fn, _, _ = train.make_steps(mesh, step_config, optimizer, weight_map)
+  state = jax.eval_shape(functools.partial(
+      train.create_train_state, model_config, optimizer, 0))
+  batch = abstract_batch(config, model_config.heads, batch_size)
+  return flops(train_fn.lower(state, batch).compile()) / batch_size
+
+
+def main(argv):
+  del argv
+  config = FLAGS.config
+  train.check_config(config)
+  heads = pipeline.head_specs(pipeline.get_builder(config), config.head_features)
+  model_config = models.model_config(config, heads)
+  params = models.abstract_params(model_config)
+  print(parameter_overview.get_parameter_overview(params, include_stats=False))
+  print(f'heads: {", ".join(f"{h.name} ({h.kind}, {h.size})" for h in heads)}')
+  print(f'image size: {config.image_size}; latent: {model_config.latent_dim}')
+  print(f'forward FLOPs per image: {forward_flops_per_image(model_config, 8):.4g}')
+  print('train-step FLOPs per image: '
+        f'{train_flops_per_image(config, model_config, 8):.4g}')
+  print(f'total_params: {models.count_params_tree(params)}')
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,112 @@
+"""Loss terms: their zeros, their masks, and the lung weight map."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import default
+from pumamednet_jax import assets
+from pumamednet_jax import heads as heads_lib
+from pumamednet_jax import losses
+
+
+def random_images(seed, shape=(2, 32, 32, 1)):
+  return jax.random.uniform(jax.random.key(seed), shape)
+
+
+def test_ssim_loss_of_identical_images_is_zero():
+  images = random_images(0)
+  weights = jnp.ones((32, 32, 1))
+  assert float(losses.ssim_loss(images, images, weights, 7, 1.5)) == pytest.approx(
+      0.0, abs=1e-6)
+  assert float(losses.ssim_loss(images, random_images(1), weights, 7, 1.5)) > 0.5
+
+
+def test_kl_of_the_standard_normal_is_zero():
+  mu, logvar = jnp.zeros((4, 100)), jnp.zeros((4, 100))
+  assert float(losses.kl_divergence(mu, logvar)) == 0.0
+  # Sum over latents, mean over the batch: 0.5 * mu^2 per unit mean.
+  assert float(losses.kl_divergence(jnp.ones((4, 100)), logvar)) == pytest.approx(50.0)
+
+
+def test_masked_loss_ignores_zero_weight_pixels():
+  clean = random_images(0)
+  weights = jnp.zeros((32, 32, 1)).at[:16].set(1.0)
+  corrupted = clean.at[:, 16:].set(1.0 - clean[:, 16:])  # only zero-weight rows
+  assert float(losses.masked_reconstruction_loss(corrupted, clean, weights)) == 0.0
+  corrupted = clean.at[:, :4].set(1.0 - clean[:, :4])
+  assert float(losses.masked_reconstruction_loss(corrupted, clean, weights)) > 0.0
+
+
+def test_ssim_loss_weights_follow_the_map():
+  clean = random_images(0)
+  damaged = clean.at[:, 20:].set(0.0)
+  weights_here = jnp.zeros((32, 32, 1)).at[20:].set(1.0)
+  weights_elsewhere = jnp.zeros((32, 32, 1)).at[:10].set(1.0)
+  assert float(losses.ssim_loss(damaged, clean, weights_here, 7, 1.5)) > 0.5
+  assert float(losses.ssim_loss(damaged, clean, weights_elsewhere, 7, 1.5)) == (
+      pytest.approx(0.0, abs=1e-6))
+
+
+def test_head_losses_respect_label_masks():
+  head = heads_lib.HeadSpec('labels', heads_lib.MULTILABEL, ('a', 'b'))
+  logits = jnp.array([[10.0, -10.0]])
+  target = jnp.array([[1.0, 1.0]])  # the second label is wrong...
+  unknown_second = jnp.array([[1.0, 0.0]])  # ...but unknown
+  assert float(losses.head_loss(head, logits, target, unknown_second)) < 1e-3
+  assert float(losses.head_loss(head, logits, target, jnp.ones((1, 2)))) > 4
+
+
+def test_age_loss_is_on_the_scaled_age():
+  head = heads_lib.HeadSpec('age', heads_lib.REGRESSION, scale=100.0)
+  loss = losses.head_loss(head, jnp.array([0.5, 0.3]), jnp.array([50.0, 40.0]),
+                          jnp.ones(2))
+  assert float(loss) == pytest.approx(0.01 / 2)
+
+
+def test_multiclass_loss():
+  head = heads_lib.HeadSpec('label', heads_lib.MULTICLASS, ('x', 'y', 'z'))
+  right = losses.head_loss(head, jnp.array([[0.0, 9.0, 0.0]]), jnp.array([1]),
+                           jnp.ones(1))
+  wrong = losses.head_loss(head, jnp.array([[0.0, 9.0, 0.0]]), jnp.array([2]),
+                           jnp.ones(1))
+  assert float(right) < 1e-3 < 5 < float(wrong)
+
+
+def test_lung_weight_map_is_one_outside_and_lung_weight_inside():
+  weights = losses.lung_weight_map(64, 4.0)
+  assert weights.shape == (64, 64, 1)
+  assert weights.min() == pytest.approx(1.0, abs=0.02)
+  assert weights.max() == pytest.approx(4.0)
+  prior = assets.lung_prior(64)
+  assert weights[..., 0][prior > 0.6].mean() > 3 > 1.1 > weights[..., 0][prior < 0.05].mean()
+
+
+def test_total_loss_logs_every_term_and_warms_beta_up():
+  config = default.get_config()
+  config.loss.beta_warmup_steps = 10
+  loss_config = losses.LossConfig.from_config(config)
+  heads = (heads_lib.HeadSpec('view', heads_lib.BINARY),)
+  clean = random_images(0, (2, 64, 64, 1))
+  kwargs = dict(
+      reconstruction=random_images(1, (2, 64, 64, 1)), clean=clean,
+      head_outputs={'view': jnp.zeros(2)},
+      latents={'mu': jnp.ones((2, 100)), 'logvar': jnp.zeros((2, 100))},
+      batch={'view': jnp.ones(2)}, heads=heads,
+      weight_map=jnp.asarray(losses.lung_weight_map(64, 4.0)), config=loss_config)
+  total0, terms0 = losses.total_loss(step=jnp.int32(0), **kwargs)
+  total5, terms5 = losses.total_loss(step=jnp.int32(5), **kwargs)
+  assert set(terms0) == {'ssim', 'recon', 'kl', 'head_view', 'beta', 'total'}
+  assert float(terms0['beta']) == 0.0 and float(terms5['beta']) == 0.5
+  np.testing.assert_allclose(float(total5 - total0),
+                             0.5 * float(terms0['kl']) / (64 * 64), rtol=1e-5)
+
+
+@pytest.mark.parametrize('key, value', [('beta', -1.0), ('lung_weight', 0.5),
+                                        ('ssim_weight', -0.1)])
+def test_bad_loss_config_names_the_key(key, value):
+  config = default.get_config()
+  config.loss[key] = value
+  with pytest.raises(ValueError, match=f'config.loss.{key}'):
+    losses.LossConfig.from_config(config)
