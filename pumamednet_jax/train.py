@@ -154,7 +154,11 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *,
         latents=latents, batch=batch, heads=step_config.model.heads,
         weight_map=weight_map, step=state.step, config=step_config.loss)
 
-  (_, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  # Differentiate a per-device copy of the replicated parameters: each device
+  # gets the gradient of its own examples (as under pmap), averaged below.
+  # (Through the replicated value itself, shard_map would psum it already.)
+  local_params = jax.lax.pcast(state.params, parallel.AXIS, to='varying')
+  (_, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(local_params)
   grads = jax.lax.pmean(grads, parallel.AXIS)
   terms = jax.lax.pmean(terms, parallel.AXIS)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -170,7 +174,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *,
       nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32),
   )
   step_metrics = dict(terms)
-  step_metrics['grad_norm'] = optax.global_norm(grads)
+  step_metrics['grad_norm'] = optax.tree.norm(grads)
   step_metrics['nonfinite'] = (~finite).astype(jnp.float32)
   step_metrics['nonfinite_consecutive'] = new_state.nonfinite_consecutive
   return new_state, step_metrics

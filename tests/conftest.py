@@ -1,8 +1,34 @@
-"""Shared pytest fixtures."""
+"""Shared pytest fixtures, and a persistent XLA compilation cache for the run.
 
+The cache (a fresh temporary folder per session, inherited by subprocesses
+through the environment) lets the several `main.py` processes of the resume
+tests compile the same train step once.
+"""
+
+import os
 import pathlib
+import tempfile
 
 import pytest
+
+from e2e_support import shrink
+
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
+                      tempfile.mkdtemp(prefix='pumamednet_jax_cache_'))
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+
+@pytest.fixture(scope='session')
+def phantom_data_dir(tmp_path_factory) -> pathlib.Path:
+  """A TFDS data dir holding the tiny phantom of TINY_OVERRIDES."""
+  from configs import default  # pylint: disable=g-import-not-at-top
+  from input_pipeline import pipeline  # pylint: disable=g-import-not-at-top
+  data_dir = tmp_path_factory.mktemp('tfds')
+  config = shrink(default.get_config(), data_dir=str(data_dir))
+  pipeline.prepare(pipeline.get_builder(config))
+  return data_dir
 
 
 @pytest.fixture(scope='session')
