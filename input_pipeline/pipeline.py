@@ -3,16 +3,19 @@
 tf.data only reads, decodes, batches and prefetches; the defects are applied
 later, on the accelerator. Images stay uint8 until they reach the device.
 
-The training stream is a pure function of (seed, step): epoch e is the split
-in its stored order shuffled with the seed (seed, e), and the examples of
-consecutive epochs are concatenated. A run resumed at step s starts from
-example s × batch_size of that stream, so it sees exactly what an
-uninterrupted run would have seen. Every process reads the same global stream
-and decodes only its own slice of each global batch, so the data a step sees
-does not depend on the number of hosts either.
+A run reads one data set, or a mixture of several (`config.dataset =
+'pretrain'`, the paper's pre-training on DTD, Textures and Medical MNIST). The
+training stream is a pure function of (seed, step): epoch e of a data set is
+its split in stored order, shuffled with the seed (seed, e); the epochs are
+concatenated (and, for a mixture, sampled with `sample_from_datasets` by
+weight). A run resumed at step s starts from example s × batch_size of that
+stream, so it sees exactly what an uninterrupted run would have seen. Every
+process reads the same global stream and decodes only its own slice of each
+global batch, so what a step sees does not depend on the number of hosts.
 """
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+import dataclasses
 import os
 
 import numpy as np
@@ -27,16 +30,31 @@ HEAD_FEATURES = ('labels', 'view', 'sex', 'age', 'label')
 AGE_ABOVE_MEDIAN = 'age_above_median'
 AGE_SCALE = 100.0  # the age head predicts years / 100
 FOLDER_DATASETS = ('covid3', 'textures', 'medical_mnist')
-KNOWN_DATASETS = ('cxr_phantom', 'chestxray14', *FOLDER_DATASETS)
-# Data sets rendered on first use; the others are prepared by
-# `python -m input_pipeline.prepare` from the user's files.
+# Sets of the pre-training mixture; DTD comes from TFDS's own `dtd` builder.
+MIXTURE_DATASETS = ('dtd', 'textures', 'medical_mnist')
+KNOWN_DATASETS = ('cxr_phantom', 'chestxray14', *FOLDER_DATASETS, 'dtd',
+                  'pretrain')
+# Data sets rendered on first use; the others are prepared beforehand.
 GENERATED_DATASETS = ('cxr_phantom',)
 
 
-def get_builder(config) -> tfds.core.DatasetBuilder:
-  """The TFDS builder of `config.dataset` at `config.image_size`."""
-  data_dir = os.path.expanduser(config.data_dir) if config.data_dir else None
-  name = config.dataset
+@dataclasses.dataclass(frozen=True)
+class Source:
+  """One data set read by a run, with its share of the training stream."""
+
+  name: str
+  builder: tfds.core.DatasetBuilder
+  weight: float = 1.0
+
+
+def _data_dir(config) -> str | None:
+  return os.path.expanduser(config.data_dir) if config.data_dir else None
+
+
+def get_builder(config, name: str | None = None) -> tfds.core.DatasetBuilder:
+  """The TFDS builder of data set `name` (default `config.dataset`)."""
+  name = name or config.dataset
+  data_dir = _data_dir(config)
   if name == 'cxr_phantom':
     from input_pipeline import cxr_phantom  # pylint: disable=g-import-not-at-top
     phantom = config.phantom
@@ -58,23 +76,47 @@ def get_builder(config) -> tfds.core.DatasetBuilder:
                            validation_fraction=config.validation_fraction,
                            test_fraction=config.test_fraction,
                            split_seed=config.split_seed)
+  if name == 'dtd':
+    # Colour images of any size: made grey and square-resized when decoded.
+    return tfds.builder('dtd', data_dir=data_dir)
   raise ValueError(f'config.dataset: unknown data set {name!r}; known: '
                    f'{", ".join(KNOWN_DATASETS)}')
 
 
-def prepare(builder: tfds.core.DatasetBuilder) -> None:
+def get_sources(config) -> tuple[Source, ...]:
+  """The data sets of the run: `config.dataset`, or the mixture's."""
+  if config.dataset != 'pretrain':
+    return (Source(config.dataset, get_builder(config)),)
+  names = tuple(config.mixture.datasets)
+  weights = tuple(config.mixture.weights)
+  unknown = [n for n in names if n not in MIXTURE_DATASETS]
+  if unknown or not names:
+    raise ValueError(f'config.mixture.datasets: {names} must be a non-empty '
+                     f'subset of {MIXTURE_DATASETS}')
+  if len(weights) != len(names) or min(weights) <= 0:
+    raise ValueError(f'config.mixture.weights: {weights} needs one positive '
+                     f'weight per data set of config.mixture.datasets {names}')
+  total = sum(weights)
+  return tuple(Source(n, get_builder(config, n), w / total)
+               for n, w in zip(names, weights))
+
+
+def prepare(sources: Sequence[Source] | tfds.core.DatasetBuilder) -> None:
   """Renders the phantom on first use; real sets must have been prepared."""
-  if builder.name in GENERATED_DATASETS:
-    builder.download_and_prepare()
-    return
-  if not builder.is_prepared():
-    raise FileNotFoundError(
-        f'data set {builder.name} (config {builder.builder_config.name}) is not '
-        f'prepared in {builder.data_dir_root}. Prepare it once with:\n  python '
-        f'-m input_pipeline.prepare --dataset {builder.name} --manual_dir DIR '
-        f'--data_dir {builder.data_dir_root} --image_size '
-        f'{builder.builder_config.image_size}\n(see README, "Real data sets"), '
-        'and pass the same --data_dir as --config.data_dir.')
+  if isinstance(sources, tfds.core.DatasetBuilder):
+    sources = (Source(sources.name, sources),)
+  for source in sources:
+    builder = source.builder
+    if builder.name in GENERATED_DATASETS:
+      builder.download_and_prepare()
+    elif not builder.is_prepared():
+      config_name = builder.builder_config.name if builder.builder_config else ''
+      raise FileNotFoundError(
+          f'data set {builder.name} (config {config_name!r}) is not prepared in '
+          f'{builder.data_dir_root}. Prepare it once with:\n  python -m '
+          f'input_pipeline.prepare --dataset {builder.name} --manual_dir DIR '
+          f'--data_dir {builder.data_dir_root} [--image_size S]\n(README, '
+          '"Real data sets"), and pass the same directory as --config.data_dir.')
 
 
 def age_median(builder: tfds.core.DatasetBuilder) -> float:
@@ -85,15 +127,8 @@ def age_median(builder: tfds.core.DatasetBuilder) -> float:
   return float(metadata['age_median'])
 
 
-def head_specs(builder: tfds.core.DatasetBuilder,
-               head_features=()) -> tuple[heads_lib.HeadSpec, ...]:
-  """The classifier heads that the data set's features support.
-
-  `labels` (15 multi-hot) → a multi-label head; a 2-class ClassLabel (view,
-  sex) → a binary head; a ClassLabel with more classes → a multi-class head;
-  `age` → an age regression head plus a binary "age above the median" head
-  (paper Fig. 4).
-  """
+def _feature_heads(builder, head_features) -> list[heads_lib.HeadSpec]:
+  """Heads of one data set's features (see `head_specs`)."""
   features = builder.info.features
   wanted = tuple(head_features) or tuple(f for f in HEAD_FEATURES if f in features)
   specs = []
@@ -117,74 +152,128 @@ def head_specs(builder: tfds.core.DatasetBuilder,
     else:
       raise ValueError(f'config.head_features: feature {name!r} of type '
                        f'{type(feature).__name__} cannot be a head')
+  return specs
+
+
+def mixture_head_name(source: str) -> str:
+  return f'{source}_label'
+
+
+def head_specs(sources: Sequence[Source] | tfds.core.DatasetBuilder,
+               head_features=()) -> tuple[heads_lib.HeadSpec, ...]:
+  """The classifier heads that the data's features support.
+
+  `labels` (15 multi-hot) → a multi-label head; a 2-class ClassLabel (view,
+  sex) → a binary head; a ClassLabel with more classes → a multi-class head;
+  `age` → an age regression head plus a binary "age above the median" head
+  (paper Fig. 4). A mixture gets one multi-class head per data set,
+  `<set>_label`, trained only on that set's examples.
+  """
+  if isinstance(sources, tfds.core.DatasetBuilder):
+    sources = (Source(sources.name, sources),)
+  if len(sources) == 1:
+    return tuple(_feature_heads(sources[0].builder, head_features))
+  specs = []
+  for source in sources:
+    label = source.builder.info.features['label']
+    specs.append(heads_lib.HeadSpec(mixture_head_name(source.name),
+                                    heads_lib.MULTICLASS, tuple(label.names)))
   return tuple(specs)
 
 
-def _target_fn(builder, heads):
-  """Maps a decoded example to the model's inputs and the heads' targets."""
-  names = {h.name for h in heads}
-  median = age_median(builder) if AGE_ABOVE_MEDIAN in names else None
-  has_age_mask = 'age_mask' in builder.info.features
+def _encoded(source: Source, split: str, heads, multi: bool) -> tf.data.Dataset:
+  """A split in stored order: the encoded image and every head's target
+  (and mask), computed from the raw features."""
+  builder = source.builder
+  if split not in builder.info.splits:
+    raise ValueError(f'split {split!r} not in {builder.info.full_name} '
+                     f'(splits: {", ".join(builder.info.splits.keys())})')
+  features = builder.info.features
+  median = (age_median(builder)
+            if any(h.name == AGE_ABOVE_MEDIAN for h in heads) else None)
+  ds = builder.as_dataset(split=split, shuffle_files=False,
+                          decoders={'image': tfds.decode.SkipDecoding()})
 
   def targets(example):
     out = {'image': example['image']}
     for head in heads:
+      if multi:  # a mixture: each set fills its own head, masks the others
+        mine = head.name == mixture_head_name(source.name)
+        out[head.name] = (tf.cast(example['label'], tf.int32) if mine
+                          else tf.constant(0, tf.int32))
+        out[f'{head.name}_mask'] = tf.constant(1.0 if mine else 0.0)
+        continue
+      name = 'age' if head.name == AGE_ABOVE_MEDIAN else head.name
       if head.name == AGE_ABOVE_MEDIAN:
         out[head.name] = tf.cast(example['age'] > median, tf.float32)
-        if has_age_mask:
-          out[f'{head.name}_mask'] = tf.cast(example['age_mask'], tf.float32)
       elif head.kind == heads_lib.MULTICLASS:
-        out[head.name] = tf.cast(example[head.name], tf.int32)
+        out[head.name] = tf.cast(example[name], tf.int32)
       else:
-        out[head.name] = tf.cast(example[head.name], tf.float32)
-        if f'{head.name}_mask' in builder.info.features:
-          out[f'{head.name}_mask'] = tf.cast(example[f'{head.name}_mask'],
-                                             tf.float32)
+        out[head.name] = tf.cast(example[name], tf.float32)
+      if f'{name}_mask' in features:
+        out[f'{head.name}_mask'] = tf.cast(example[f'{name}_mask'], tf.float32)
     return out
 
-  return targets
+  return ds.map(targets)
 
 
-def _needed_features(builder, heads) -> list[str]:
-  features = builder.info.features
-  names = ['image']
-  for head in heads:
-    source = 'age' if head.name == AGE_ABOVE_MEDIAN else head.name
-    names.append(source)
-    for extra in (f'{source}_mask',):
-      if extra in features:
-        names.append(extra)
-  return sorted(set(names))
-
-
-def _read_split(builder, split: str, heads) -> tf.data.Dataset:
-  """The split in its stored order, images still PNG-encoded."""
-  if split not in builder.info.splits:
-    raise ValueError(f'split {split!r} not in {builder.info.full_name} '
-                     f'(splits: {", ".join(builder.info.splits.keys())})')
-  keep = _needed_features(builder, heads)
-  decoders = {name: tfds.decode.SkipDecoding() for name in ('image',)}
-  ds = builder.as_dataset(split=split, shuffle_files=False, decoders=decoders)
-  return ds.map(lambda ex: {k: ex[k] for k in keep})
-
-
-def _decode_fn(builder, heads):
-  image_feature = builder.info.features['image']
-  targets = _target_fn(builder, heads)
+def _decode_fn(image_size: int):
+  """Encoded PNG/JPEG → (S, S, 1) uint8. Prepared sets are already S×S grey;
+  others (DTD) are converted to grey, padded to a square and resized."""
 
   def decode(example):
     example = dict(example)
-    example['image'] = image_feature.decode_example(example['image'])
-    return targets(example)
+    image = tf.io.decode_image(example['image'], channels=1,
+                               expand_animations=False)
+    height, width = tf.shape(image)[0], tf.shape(image)[1]
+
+    def square_resize():
+      side = tf.maximum(height, width)
+      padded = tf.image.pad_to_bounding_box(image, (side - height) // 2,
+                                            (side - width) // 2, side, side)
+      resized = tf.image.resize(padded, (image_size, image_size),
+                                method='lanczos3', antialias=True)
+      return tf.cast(tf.round(tf.clip_by_value(resized, 0, 255)), tf.uint8)
+
+    same = tf.logical_and(tf.equal(height, image_size), tf.equal(width, image_size))
+    image = tf.cond(same, lambda: image, square_resize)
+    image.set_shape((image_size, image_size, 1))
+    example['image'] = image
+    return example
 
   return decode
 
 
-def num_examples(builder, split: str) -> int:
-  return builder.info.splits[split].num_examples
+def num_examples(sources: Sequence[Source], split: str) -> int:
+  return sum(s.builder.info.splits[split].num_examples for s in sources)
 
 
-def create_train_iterator(builder, heads, *, seed: int, global_batch_size: int,
+def _epochs(encoded: tf.data.Dataset, seed: int, shuffle_buffer: int,
+            start_epoch: int) -> tf.data.Dataset:
+  """Epochs start_epoch, start_epoch + 1, ... each shuffled by (seed, epoch)."""
+
+  def epoch(e):
+    return encoded.shuffle(shuffle_buffer,
+                           seed=tf.cast(seed, tf.int64) * 1_000_003 + e,
+                           reshuffle_each_iteration=False)
+
+  return tf.data.Dataset.range(start_epoch, np.iinfo(np.int64).max).flat_map(epoch)
+
+
+def _local_slices(ds, global_batch_size, image_size, process_index,
+                  process_count):
+  """Global batches of encoded examples → this process's decoded batches."""
+  local = global_batch_size // process_count
+  ds = ds.batch(global_batch_size, drop_remainder=True)
+  ds = ds.map(lambda b: {k: v[process_index * local:(process_index + 1) * local]
+                         for k, v in b.items()})
+  ds = ds.unbatch().map(_decode_fn(image_size), num_parallel_calls=tf.data.AUTOTUNE,
+                        deterministic=True)
+  return ds.batch(local, drop_remainder=True)
+
+
+def create_train_iterator(sources: Sequence[Source], heads, *, seed: int,
+                          image_size: int, global_batch_size: int,
                           start_step: int = 0, shuffle_buffer: int = 4096,
                           process_index: int = 0,
                           process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
@@ -192,53 +281,51 @@ def create_train_iterator(builder, heads, *, seed: int, global_batch_size: int,
   if global_batch_size % process_count:
     raise ValueError(f'config.batch_size = {global_batch_size} does not split '
                      f'over {process_count} processes')
-  split_size = num_examples(builder, 'train')
-  if split_size < global_batch_size:
-    raise ValueError(f'config.batch_size = {global_batch_size} exceeds the '
-                     f'{split_size} training examples')
-  base = _read_split(builder, 'train', heads)
+  sizes = [num_examples([s], 'train') for s in sources]
+  if min(sizes) < 1 or (len(sources) == 1 and sizes[0] < global_batch_size):
+    raise ValueError(f'config.batch_size = {global_batch_size}: the training '
+                     f'splits have only {sizes} examples')
+  multi = len(sources) > 1
   first_example = start_step * global_batch_size
-  start_epoch, skip = divmod(first_example, split_size)
-
-  def epoch(e):
-    return base.shuffle(shuffle_buffer, seed=tf.cast(seed, tf.int64) * 1_000_003 + e,
-                        reshuffle_each_iteration=False)
-
-  stream = tf.data.Dataset.range(start_epoch, np.iinfo(np.int64).max)
-  stream = stream.flat_map(epoch).skip(skip)
-  local = global_batch_size // process_count
-  stream = stream.batch(global_batch_size, drop_remainder=True)
-  stream = stream.map(lambda b: {k: v[process_index * local:(process_index + 1) * local]
-                                 for k, v in b.items()})
-  stream = stream.unbatch().map(_decode_fn(builder, heads),
-                                num_parallel_calls=tf.data.AUTOTUNE,
-                                deterministic=True)
-  stream = stream.batch(local, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+  if multi:
+    streams = [_epochs(_encoded(s, 'train', heads, multi), seed + i,
+                       shuffle_buffer, 0) for i, s in enumerate(sources)]
+    stream = tf.data.Dataset.sample_from_datasets(
+        streams, weights=[s.weight for s in sources], seed=seed,
+        stop_on_empty_dataset=True).skip(first_example)
+  else:
+    start_epoch, skip = divmod(first_example, sizes[0])
+    stream = _epochs(_encoded(sources[0], 'train', heads, multi), seed,
+                     shuffle_buffer, start_epoch).skip(skip)
+  stream = _local_slices(stream, global_batch_size, image_size, process_index,
+                         process_count).prefetch(tf.data.AUTOTUNE)
   return iter(tfds.as_numpy(stream))
 
 
-def create_eval_batches(builder, heads, *, split: str, global_batch_size: int,
+def create_eval_batches(sources: Sequence[Source], heads, *, split: str,
+                        image_size: int, global_batch_size: int,
                         num_examples_limit: int = 0, process_index: int = 0,
                         process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
-  """One pass over `split` in stored order, as this process's slices of full
-  global batches; the last batch is padded and `valid` marks real examples."""
-  ds = _read_split(builder, split, heads)
+  """One pass over `split` (of every set, in turn) in stored order, as this
+  process's slices of full global batches. The last batch is padded: `valid`
+  marks real examples, and `index` gives each example's position."""
+  multi = len(sources) > 1
+  ds = None
+  for source in sources:
+    part = _encoded(source, split, heads, multi)
+    ds = part if ds is None else ds.concatenate(part)
+  total = num_examples(sources, split)
   if num_examples_limit:
     ds = ds.take(num_examples_limit)
-  ds = ds.map(_decode_fn(builder, heads), num_parallel_calls=tf.data.AUTOTUNE,
-              deterministic=True)
-  ds = ds.batch(global_batch_size).prefetch(tf.data.AUTOTUNE)
-  local = global_batch_size // process_count
-  offset = 0
-  for batch in tfds.as_numpy(ds):
-    size = len(batch['image'])
-    batch['valid'] = np.ones(size, np.float32)
-    # The position in the split fixes each example's eval defects.
-    batch['index'] = np.arange(offset, offset + size, dtype=np.int32)
-    offset += size
-    if size < global_batch_size:
-      batch = {k: np.concatenate([v, np.zeros((global_batch_size - size, *v.shape[1:]),
-                                              v.dtype)])
-               for k, v in batch.items()}
-    yield {k: v[process_index * local:(process_index + 1) * local]
-           for k, v in batch.items()}
+    total = min(total, num_examples_limit)
+  ds = ds.enumerate().map(lambda i, ex: {**ex, 'index': tf.cast(i, tf.int32),
+                                         'valid': tf.constant(1.0)})
+  # Pad to whole global batches, so every process gets the same number of
+  # batches; padding examples are blank images with `valid` = 0.
+  blank = {name: tf.zeros(spec.shape, spec.dtype)
+           for name, spec in ds.element_spec.items()}
+  blank['image'] = tf.io.encode_png(tf.zeros((image_size, image_size, 1), tf.uint8))
+  padding = tf.data.Dataset.from_tensors(blank).repeat((-total) % global_batch_size)
+  ds = _local_slices(ds.concatenate(padding), global_batch_size, image_size,
+                     process_index, process_count)
+  return iter(tfds.as_numpy(ds.prefetch(tf.data.AUTOTUNE)))

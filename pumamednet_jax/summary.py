@@ -74,7 +74,7 @@ def main(argv):
   del argv
   config = FLAGS.config
   train.check_config(config)
-  heads = pipeline.head_specs(pipeline.get_builder(config), config.head_features)
+  heads = pipeline.head_specs(pipeline.get_sources(config), config.head_features)
   model_config = models.model_config(config, heads)
   params = models.abstract_params(model_config)
   print(parameter_overview.get_parameter_overview(params, include_stats=False))

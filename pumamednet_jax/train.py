@@ -350,9 +350,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   returns the final eval metrics."""
   check_config(config)
   os.makedirs(workdir, exist_ok=True)
-  builder = pipeline.get_builder(config)
-  pipeline.prepare(builder)
-  heads = pipeline.head_specs(builder, config.head_features)
+  sources = pipeline.get_sources(config)
+  pipeline.prepare(sources)
+  heads = pipeline.head_specs(sources, config.head_features)
   model_config = models.model_config(config, heads)
   step_config = StepConfig(
       model=model_config, loss=losses.LossConfig.from_config(config),
@@ -378,7 +378,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
 
   def eval_batches():
     return pipeline.create_eval_batches(
-        builder, heads, split=config.eval_split,
+        sources, heads, split=config.eval_split, image_size=config.image_size,
         global_batch_size=config.batch_size,
         num_examples_limit=config.num_eval_examples,
         process_index=jax.process_index(), process_count=jax.process_count())
@@ -398,7 +398,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     return report
 
   train_iter = pipeline.create_train_iterator(
-      builder, heads, seed=config.seed, global_batch_size=config.batch_size,
+      sources, heads, seed=config.seed, image_size=config.image_size,
+      global_batch_size=config.batch_size,
       start_step=start_step, shuffle_buffer=config.shuffle_buffer,
       process_index=jax.process_index(), process_count=jax.process_count())
   report_progress = periodic_actions.ReportProgress(
