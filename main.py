@@ -41,6 +41,9 @@ def main(argv):
   tf.config.set_visible_devices([], 'GPU')
   import jax  # pylint: disable=g-import-not-at-top
   if FLAGS.distributed:
+    # CPU-only clusters need gloo for cross-process collectives; GPU and TPU
+    # backends ignore this setting.
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
                                FLAGS.process_id)
   from pumamednet_jax import train  # pylint: disable=g-import-not-at-top

@@ -7,7 +7,6 @@ import os
 import signal
 from typing import Any
 
-import dm_pix
 import flax
 import jax
 import jax.numpy as jnp
@@ -200,7 +199,7 @@ def eval_step(params: dict, batch: dict[str, jax.Array], *,
   clean, defective = _defective_inputs(batch, keys, step_config.defects)
   model = models.bind(step_config.model, params)
   reconstruction, head_outputs, _ = model(defective, train=False)
-  ssim = functools.partial(dm_pix.ssim, max_val=1.0,
+  ssim = functools.partial(losses.ssim,
                            filter_size=step_config.loss.ssim_filter_size,
                            filter_sigma=step_config.loss.ssim_filter_sigma)
   outputs = {

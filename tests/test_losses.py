@@ -110,3 +110,18 @@ def test_bad_loss_config_names_the_key(key, value):
   config.loss[key] = value
   with pytest.raises(ValueError, match=f'config.loss.{key}'):
     losses.LossConfig.from_config(config)
+
+
+@pytest.mark.parametrize('size', [32, 64])
+def test_banded_ssim_filter_matches_dm_pix(size):
+  import dm_pix  # pylint: disable=g-import-not-at-top
+  a, b = random_images(0, (2, size, size, 1)), random_images(1, (2, size, size, 1))
+  expected = dm_pix.ssim(a, b, filter_size=7, filter_sigma=1.5, return_map=True)
+  # Equal up to float32 rounding (the variances E[x²] − μ² cancel).
+  np.testing.assert_allclose(losses.ssim(a, b, 7, 1.5, return_map=True),
+                             expected, atol=1e-5)
+  grad = lambda fn: jax.grad(lambda x: jnp.mean(fn(x)))(a)
+  np.testing.assert_allclose(
+      grad(lambda x: losses.ssim(x, b, 7, 1.5)),
+      grad(lambda x: dm_pix.ssim(x, b, filter_size=7, filter_sigma=1.5)),
+      rtol=1e-3, atol=1e-7)
