@@ -1,0 +1,36 @@
+"""The summary command, and the paper preset's parameter count."""
+
+import subprocess
+import sys
+
+from configs import chestxray14
+from e2e_support import REPO_ROOT
+from input_pipeline import pipeline
+from pumamednet_jax import models
+
+PAPER_PARAMS = 1_405_753  # PumaMedNet-CXR, paper Sec. 2.1.3
+
+
+def test_paper_preset_has_the_papers_parameter_count():
+  config = chestxray14.get_config()
+  heads = pipeline.head_specs(pipeline.get_sources(config))  # no data needed
+  count = models.count_params_tree(
+      models.abstract_params(models.model_config(config, heads)))
+  assert abs(count - PAPER_PARAMS) / PAPER_PARAMS < 0.01
+  assert count == 1_405_916
+
+
+def test_summary_prints_the_table_flops_and_total_params_last():
+  result = subprocess.run(
+      [sys.executable, '-m', 'pumamednet_jax.summary',
+       '--config=configs/default.py'],
+      cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  lines = result.stdout.strip().splitlines()
+  assert lines[-1] == 'total_params: 972476'
+  assert any('encoder/convs/0/kernel' in line and '(4, 4, 1, 32)' in line
+             for line in lines)
+  flops = {line.split(':')[0]: float(line.split(':')[1])
+           for line in lines if 'FLOPs per image' in line}
+  assert 1e7 < flops['forward FLOPs per image'] < flops[
+      'train-step FLOPs per image'] < 1e9
