@@ -9,7 +9,6 @@ import pytest
 from pumamednet_jax import assets
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO_ROOT.parent / 'shared' / 'data'
 
 
 @pytest.mark.parametrize('size', [32, 64, 128, 256, 512])
@@ -43,10 +42,11 @@ def test_lung_prior_rejects_bad_sizes(size):
     assets.lung_prior(size)
 
 
-def test_committed_prior_is_what_the_script_derives_from_the_real_masks():
+def test_committed_prior_is_what_the_script_derives_from_the_real_masks(
+    shared_data_dir):
   from scripts import derive_lung_prior   # pylint: disable=g-import-not-at-top
   derived, count = derive_lung_prior.lung_prior_map(
-      str(SHARED_DATA / 'lung_masks' / 'semantic_masks_v7labs_lungs.zip'))
+      str(shared_data_dir / 'lung_masks' / 'semantic_masks_v7labs_lungs.zip'))
   assert count == 517
   committed_path = (REPO_ROOT / 'pumamednet_jax' / 'assets' /
                     'lung_prior.png')

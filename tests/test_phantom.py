@@ -21,7 +21,6 @@ from input_pipeline import phantom
 from pumamednet_jax import assets
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO_ROOT.parent / 'shared' / 'data'
 FINDINGS = labels_lib.FINDINGS
 
 
@@ -451,10 +450,10 @@ def test_preview_rejects_an_unwritable_directory(tmp_path):
 # --- Committed statistics ------------------------------------------------------------
 
 
-def test_committed_stats_are_what_the_script_derives():
+def test_committed_stats_are_what_the_script_derives(shared_data_dir):
   from scripts import derive_chestxray14_stats   # pylint: disable=g-import-not-at-top
   derived = derive_chestxray14_stats.chestxray14_stats(
-      str(SHARED_DATA / 'chestxray14' / 'Data_Entry_2017_v2020.csv.gz'))
+      str(shared_data_dir / 'chestxray14' / 'Data_Entry_2017_v2020.csv.gz'))
   with open(REPO_ROOT / 'input_pipeline' / 'assets' /
             'chestxray14_stats.json') as f:
     committed = json.load(f)
