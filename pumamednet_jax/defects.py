@@ -5,9 +5,12 @@ functions of (rng, image) for one (H, W, 1) float image in [0, 1], vmapped over
 the batch. The model sees the defective image; the losses compare its output
 with the clean one.
 
-Rotation, flip and blur come from dm-pix; dm-pix has no histogram equalization
-or autocontrast, so those two follow PIL's `ImageOps` (as torchvision's
-RandomEqualize / RandomAutocontrast do) in plain JAX.
+Rotation and flip come from dm-pix. The Gaussian blur is dm-pix's, computed
+as two banded matrix products: dm-pix convolves depthwise, which XLA:CPU runs
+12-17× slower once vmapped over per-example sigmas (a test checks that the
+values agree). dm-pix has no histogram equalization or autocontrast, so those
+two follow PIL's `ImageOps` (as torchvision's RandomEqualize /
+RandomAutocontrast do) in plain JAX.
 """
 
 import dataclasses
@@ -66,17 +69,50 @@ class DefectConfig:
 
 
 def rotate(image: jax.Array, degrees: jax.Array) -> jax.Array:
-  """Rotates counter-clockwise about the centre; corners outside become black."""
-  return dm_pix.rotate(image, jnp.deg2rad(degrees), order=1, mode='constant',
-                       cval=0.0)
+  """Rotates counter-clockwise about the centre; corners outside become black.
+
+  `dm_pix.rotate(image, angle, mode='constant')`, but interpolating in the
+  image plane only: dm-pix's 3-D (H, W, C) path interpolates 8 corners where a
+  single-channel image needs 4 (4-10× faster, same values).
+  """
+  height, width = image.shape[0], image.shape[1]
+  angle = jnp.deg2rad(degrees)
+  cos, sin = jnp.cos(angle), jnp.sin(angle)
+  rows, cols = jnp.meshgrid(jnp.arange(height, dtype=jnp.float32),
+                            jnp.arange(width, dtype=jnp.float32), indexing='ij')
+  centre_row, centre_col = (height - 1) / 2, (width - 1) / 2
+  # The inverse rotation: where each output pixel comes from.
+  source_rows = cos * (rows - centre_row) + sin * (cols - centre_col) + centre_row
+  source_cols = -sin * (rows - centre_row) + cos * (cols - centre_col) + centre_col
+  planes = [
+      dm_pix.flat_nd_linear_interpolate_constant(
+          image[..., channel], jnp.stack([source_rows, source_cols]), cval=0.0)
+      for channel in range(image.shape[-1])
+  ]
+  return jnp.stack(planes, axis=-1)
 
 
 def flip(image: jax.Array) -> jax.Array:
   return dm_pix.flip_left_right(image)
 
 
+def _blur_band(size: int, sigma: jax.Array, kernel_size: int) -> jax.Array:
+  """(size, size) matrix of dm-pix's Gaussian taps; rows cut at the borders
+  (the zero padding of its 'SAME' convolution)."""
+  radius = int(kernel_size / 2)
+  offsets = (jnp.arange(size, dtype=jnp.float32)[None, :] -
+             jnp.arange(size, dtype=jnp.float32)[:, None])
+  taps = jnp.exp(-offsets**2 / (2.0 * sigma**2)) * (jnp.abs(offsets) <= radius)
+  window = jnp.arange(-radius, radius + 1, dtype=jnp.float32)
+  return taps / jnp.sum(jnp.exp(-window**2 / (2.0 * sigma**2)))
+
+
 def blur(image: jax.Array, sigma: jax.Array, kernel_size: int) -> jax.Array:
-  return dm_pix.gaussian_blur(image, sigma, kernel_size)
+  """`dm_pix.gaussian_blur(image, sigma, kernel_size)` of an (H, W, C) image."""
+  rows = _blur_band(image.shape[0], sigma, kernel_size)
+  cols = _blur_band(image.shape[1], sigma, kernel_size)
+  return jnp.einsum('ih,hwc,jw->ijc', rows, image, cols,
+                    precision=jax.lax.Precision.HIGHEST)
 
 
 def equalize(image: jax.Array) -> jax.Array:

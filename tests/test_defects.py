@@ -101,3 +101,17 @@ def test_blur_sigmas_scale_with_the_image_size():
   scaled = defects.DefectConfig.from_config(config)
   assert scaled.blur_sigma_max == 4 * config.defects.blur_sigma_max
   assert scaled.blur_kernel_size % 2 == 1
+
+
+def test_rotation_and_blur_equal_dm_pix():
+  """Our faster formulations compute dm-pix's functions."""
+  import dm_pix  # pylint: disable=g-import-not-at-top
+  image = jax.random.uniform(jax.random.key(5), (48, 40, 1))
+  for degrees in (-13.0, 7.5):
+    np.testing.assert_allclose(
+        defects.rotate(image, degrees),
+        dm_pix.rotate(image, np.deg2rad(degrees), mode='constant', cval=0.0),
+        atol=1e-5)
+  for sigma in (0.6, 1.4):
+    np.testing.assert_allclose(defects.blur(image, sigma, 11),
+                               dm_pix.gaussian_blur(image, sigma, 11), atol=1e-6)
