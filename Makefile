@@ -25,5 +25,8 @@ test: setup
 summary: setup
 	$(PY) -m pumamednet_jax.summary --config=$(CONFIG)
 
+benchmark: setup
+	$(PY) -m pumamednet_jax.benchmark --config=$(CONFIG) --vs_torch
+
 clean:
 	rm -rf $(VENV) workdir

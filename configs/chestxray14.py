@@ -18,6 +18,8 @@ def get_config():
   config.batch_size = 64
   config.num_train_steps = 50_000
   config.learning_rate = 1e-3
+  # Terms summed with equal weights (the demo's 4 is for its short run).
+  config.loss.classification_weight = 1.0
   config.warmup_steps = 1_000
   config.log_every_steps = 200
   config.eval_every_steps = 2_500

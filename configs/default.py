@@ -59,6 +59,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.leaky_relu_slope = 0.15
   # Compute dtype: float32, or bfloat16 on GPU/TPU (parameters stay float32).
   config.model.dtype = 'float32'
+  # Conv formulation: 'auto' ('fast' on CPU, 'xla' on GPU/TPU), 'xla' or 'fast'.
+  config.model.conv_impl = 'auto'
 
   # --- Losses -------------------------------------------------------------
   config.loss = ml_collections.ConfigDict()
@@ -72,8 +74,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.loss.beta = 1.0
   # Steps over which β ramps linearly from 0 to its value (0 = no warm-up).
   config.loss.beta_warmup_steps = 0
-  # Weight of the classification losses (BCE / cross-entropy).
-  config.loss.classification_weight = 1.0
+  # Weight of the classification losses (BCE / cross-entropy): 4 favours the
+  # findings in the short CPU demo (the paper preset sums the terms with 1).
+  config.loss.classification_weight = 4.0
   # Weight of the age regression loss (squared error on age / 100).
   config.loss.age_weight = 1.0
   # SSIM window: Gaussian filter size and sigma (dm-pix defaults are 11 / 1.5).
@@ -99,11 +102,11 @@ def get_config() -> ml_collections.ConfigDict:
 
   # --- Optimisation -------------------------------------------------------
   # Global batch size (split over all devices of all hosts).
-  config.batch_size = 64
-  # Number of training steps.
-  config.num_train_steps = 3_000
+  config.batch_size = 32
+  # Number of training steps (~8 minutes on a 2-core CPU at 64 px).
+  config.num_train_steps = 2_600
   # Peak learning rate of Adam.
-  config.learning_rate = 2e-3
+  config.learning_rate = 3e-3
   # Linear warm-up steps before cosine decay to 0.
   config.warmup_steps = 200
   # Global-norm gradient clipping (0 = off).
@@ -115,7 +118,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Steps between training-metric logs.
   config.log_every_steps = 100
   # Steps between evaluations (and best-checkpoint decisions).
-  config.eval_every_steps = 1_000
+  config.eval_every_steps = 1_300
   # Steps between checkpoints.
   config.checkpoint_every_steps = 500
   # Checkpoints kept (besides the best by validation mean AUC).

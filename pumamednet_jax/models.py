@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from pumamednet_jax import fast_conv
 from pumamednet_jax import heads as heads_lib
 
 NUM_STRIDED_LAYERS = 6  # six stride-2 layers: the bottleneck is image_size / 64
@@ -45,6 +46,10 @@ class ModelConfig:
   leaky_relu_slope: float = 0.15
   # Compute dtype of convolutions and dense layers (parameters stay float32).
   dtype: str = 'float32'
+  # How the convolutions are computed (same function, same parameters):
+  # 'xla' (lax convolutions), 'fast' (`fast_conv`, fast on XLA:CPU) or
+  # 'auto' ('fast' on CPU, 'xla' on GPU/TPU).
+  conv_impl: str = 'auto'
 
   def __post_init__(self):
     if len(self.channels) != NUM_STRIDED_LAYERS:
@@ -54,6 +59,7 @@ class ModelConfig:
       raise ValueError(
           f'image_size must be a positive multiple of {2**NUM_STRIDED_LAYERS}, '
           f'got {self.image_size}')
+    fast_conv.resolve_impl(self.conv_impl)  # validates the name
 
   @property
   def bottleneck_size(self) -> int:
@@ -64,7 +70,15 @@ class ModelConfig:
     return sum(h.size for h in self.heads)
 
   def to_json(self) -> dict[str, Any]:
+    """The architecture as JSON: what checkpoints and the PyTorch port store.
+
+    The compute options (`COMPUTE_FIELDS`) are left out: they change how the
+    same function is computed, not the weights, so a checkpoint trained with
+    one can be evaluated or resumed with another.
+    """
     data = dataclasses.asdict(self)
+    for name in COMPUTE_FIELDS:
+      del data[name]
     data['channels'] = list(self.channels)
     data['heads'] = [h.to_json() for h in self.heads]
     return data
@@ -77,6 +91,10 @@ class ModelConfig:
     return cls(**data)
 
 
+# ModelConfig fields that choose how to compute, not what: not stored.
+COMPUTE_FIELDS = ('dtype', 'conv_impl')
+
+
 def leaky_relu(x: jax.Array, slope: float) -> jax.Array:
   return jnp.where(x >= 0, x, slope * x)
 
@@ -86,6 +104,7 @@ class Encoder(nnx.Module):
 
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
     self.slope = config.leaky_relu_slope
+    self.conv_impl = config.conv_impl
     dtype = jnp.dtype(config.dtype)
     widths = (1, *config.channels)
     self.convs = nnx.List([
@@ -99,8 +118,13 @@ class Encoder(nnx.Module):
 
   def __call__(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
     x = images
+    fast = fast_conv.resolve_impl(self.conv_impl) == 'fast'
     for conv in self.convs:
-      x = leaky_relu(conv(x), self.slope)
+      if fast:
+        x = fast_conv.conv(x, conv.kernel[...], conv.bias[...], dtype=conv.dtype)
+      else:
+        x = conv(x)
+      x = leaky_relu(x, self.slope)
     # NHWC flatten; the PyTorch port reorders the dense rows to match it.
     x = x.reshape(x.shape[0], -1)
     return (self.to_mu(x).astype(jnp.float32),
@@ -112,6 +136,7 @@ class Decoder(nnx.Module):
 
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
     self.slope = config.leaky_relu_slope
+    self.conv_impl = config.conv_impl
     self.bottleneck_shape = (config.bottleneck_size, config.bottleneck_size,
                              config.channels[-1])
     dtype = jnp.dtype(config.dtype)
@@ -127,9 +152,16 @@ class Decoder(nnx.Module):
   def __call__(self, z: jax.Array) -> jax.Array:
     x = leaky_relu(self.from_latent(z), self.slope)
     x = x.reshape(z.shape[0], *self.bottleneck_shape)
-    for deconv in self.deconvs[:-1]:
-      x = leaky_relu(deconv(x), self.slope)
-    return jax.nn.sigmoid(self.deconvs[-1](x).astype(jnp.float32))
+    fast = fast_conv.resolve_impl(self.conv_impl) == 'fast'
+    for i, deconv in enumerate(self.deconvs):
+      if fast:
+        x = fast_conv.conv_transpose(x, deconv.kernel[...], deconv.bias[...],
+                                     dtype=deconv.dtype)
+      else:
+        x = deconv(x)
+      if i < len(self.deconvs) - 1:
+        x = leaky_relu(x, self.slope)
+    return jax.nn.sigmoid(x.astype(jnp.float32))
 
 
 class ClassifierHead(nnx.Module):
@@ -231,6 +263,7 @@ def model_config(config, heads: Sequence[heads_lib.HeadSpec]) -> ModelConfig:
       heads=tuple(heads),
       leaky_relu_slope=config.model.leaky_relu_slope,
       dtype=config.model.dtype,
+      conv_impl=config.model.conv_impl,
   )
 
 

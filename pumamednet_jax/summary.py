@@ -5,6 +5,7 @@ image from XLA's cost analysis, and as its last line `total_params: N`.
 Needs no prepared data: the heads come from the data set's feature spec.
 """
 
+import dataclasses
 import functools
 
 import jax
@@ -20,11 +21,6 @@ from pumamednet_jax import losses
 from pumamednet_jax import models
 from pumamednet_jax import parallel
 from pumamednet_jax import train
-
-config_flags.DEFINE_config_file('config', None, 'Configuration file.',
-                                lock_config=True)
-flags.mark_flags_as_required(['config'])
-FLAGS = flags.FLAGS
 
 
 def abstract_batch(config, heads, batch_size: int) -> dict:
@@ -45,8 +41,15 @@ def flops(compiled) -> float:
   return float(analysis.get('flops', float('nan')))
 
 
+def nominal(model_config: models.ModelConfig) -> models.ModelConfig:
+  """The model computed with lax convolutions: the FLOPs we report are the
+  model's, not those of a faster formulation of it (`fast_conv`)."""
+  return dataclasses.replace(model_config, conv_impl='xla')
+
+
 def forward_flops_per_image(model_config: models.ModelConfig,
                             batch_size: int) -> float:
+  model_config = nominal(model_config)
   params = models.abstract_params(model_config)
   size = model_config.image_size
   images = jax.ShapeDtypeStruct((batch_size, size, size, 1), jnp.float32)
@@ -56,6 +59,7 @@ def forward_flops_per_image(model_config: models.ModelConfig,
 
 def train_flops_per_image(config, model_config, batch_size: int) -> float:
   """FLOPs of one whole train step (defects, model, losses, Adam) per image."""
+  model_config = nominal(model_config)
   step_config = train.StepConfig(
       model=model_config, loss=losses.LossConfig.from_config(config),
       defects=defects.DefectConfig.from_config(config), seed=0)
@@ -72,7 +76,7 @@ def train_flops_per_image(config, model_config, batch_size: int) -> float:
 
 def main(argv):
   del argv
-  config = FLAGS.config
+  config = flags.FLAGS.config
   train.check_config(config)
   heads = pipeline.head_specs(pipeline.get_sources(config), config.head_features)
   model_config = models.model_config(config, heads)
@@ -87,4 +91,8 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  # Flags only when run as a program: other tools import the functions above.
+  config_flags.DEFINE_config_file('config', None, 'Configuration file.',
+                                  lock_config=True)
+  flags.mark_flags_as_required(['config'])
   app.run(main)

@@ -90,9 +90,6 @@ class ModelConfig:
   def from_json(cls, data: dict[str, Any]) -> 'ModelConfig':
     """Reads the parsed JSON config; unknown keys are an error."""
     data = dict(data)
-    # The JAX compute dtype (float32 or bfloat16 on accelerators) does not
-    # change the weights; this port computes in the parameters' dtype.
-    data.pop('dtype', None)
     fields = {field.name for field in dataclasses.fields(cls)}
     unknown = sorted(set(data) - fields)
     if unknown:

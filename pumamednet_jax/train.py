@@ -306,7 +306,7 @@ def restore_or_init(manager, model_config, optimizer, seed: int, mesh):
                    out_shardings=replicated)
     return init()
   saved_config = checkpoints.restore_model_config(manager, step)
-  if saved_config != model_config:
+  if saved_config.to_json() != model_config.to_json():
     raise ValueError(
         f'the checkpoint at step {step} in {manager.directory} was written for '
         f'another model ({saved_config}); this config builds {model_config}. '

@@ -1,5 +1,7 @@
 """The PumaMedNet model: shapes of every output, the VAE interface, init."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -107,3 +109,27 @@ def test_image_size_must_be_a_multiple_of_64():
 def test_model_config_json_round_trip():
   model_config = small_model_config(CXR_HEADS)
   assert models.ModelConfig.from_json(model_config.to_json()) == model_config
+
+
+def test_compute_options_are_not_part_of_the_stored_architecture():
+  model_config = dataclasses.replace(small_model_config(CXR_HEADS),
+                                     dtype='bfloat16', conv_impl='xla')
+  stored = model_config.to_json()
+  assert not set(models.COMPUTE_FIELDS) & set(stored)
+  assert models.ModelConfig.from_json(stored) == dataclasses.replace(
+      model_config, dtype='float32', conv_impl='auto')
+
+
+def test_bfloat16_computes_in_bfloat16_with_float32_parameters():
+  float32_config = small_model_config(CXR_HEADS)
+  bfloat16_config = dataclasses.replace(float32_config, dtype='bfloat16')
+  params = models.init_params(bfloat16_config, 0)
+  assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(jnp.float32)}
+  images = jax.random.uniform(jax.random.key(1), (2, 64, 64, 1))
+  forward = lambda config: jax.jit(lambda p, x: models.bind(config, p)(x))
+  low = forward(bfloat16_config)(params, images)
+  full = forward(float32_config)(params, images)
+  assert low[0].dtype == jnp.float32 and low[2]['mu'].dtype == jnp.float32
+  # Rounded to bfloat16 on the way (differs), not another function (close).
+  difference = float(jnp.max(jnp.abs(low[2]['mu'] - full[2]['mu'])))
+  assert 0 < difference < 0.05 * max(1.0, float(jnp.max(jnp.abs(full[2]['mu']))))

@@ -1,0 +1,425 @@
+"""Throughput benchmark.
+
+  python -m pumamednet_jax.benchmark --config CONFIG [--batch N]
+      [--image_size S] [--vs_torch] [--json OUT]
+
+Measures, on this process's devices: compile time of the train step; steady
+state train-step and inference images/s (after warm-up, timed with
+`block_until_ready`); FLOPs per image from XLA's cost analysis (of the model
+computed with lax convolutions, whatever `model.conv_impl` runs); the achieved
+GFLOP/s and its fraction of a matmul peak measured in the same run; the input
+pipeline's images/s (the real tf.data pipeline alone, from prepared data);
+peak memory; device kind and count.
+
+The train step is the real one (`train.make_steps`: on-device defects, model,
+all losses, Adam) on a fixed synthetic batch. Rounds of every measurement
+alternate, and the figures are medians over rounds, so that load from other
+processes on a shared machine hits everything alike. With `--vs_torch`, the
+same architecture (`torch_model`, with the same weights) and the same losses
+run in PyTorch eager on the same batch with the same thread count, in the
+same rounds; speed-ups are medians over rounds of the per-round ratio. The
+PyTorch step gets its defective images for free (made once, up front), so
+the JAX step, which makes them on the device each step, does more work.
+"""
+
+import functools
+import json
+import os
+import resource
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from input_pipeline import pipeline
+from pumamednet_jax import defects as defects_lib
+from pumamednet_jax import fast_conv
+from pumamednet_jax import heads as heads_lib
+from pumamednet_jax import losses
+from pumamednet_jax import models
+from pumamednet_jax import parallel
+from pumamednet_jax import summary
+from pumamednet_jax import train
+
+config_flags.DEFINE_config_file('config', None, 'Configuration file.',
+                                lock_config=False)
+flags.mark_flags_as_required(['config'])
+_BATCH = flags.DEFINE_integer('batch', None,
+                              'Global batch size (default: config.batch_size).')
+_IMAGE_SIZE = flags.DEFINE_integer(
+    'image_size', None, 'Image side (default: config.image_size).')
+_VS_TORCH = flags.DEFINE_bool('vs_torch', False,
+                              'Also run the PyTorch port, alternating rounds.')
+_JSON = flags.DEFINE_string('json', None, 'Write the results here as JSON.')
+_ROUNDS = flags.DEFINE_integer('rounds', 5, 'Alternating rounds (medians).')
+_STEPS = flags.DEFINE_integer('steps', 8, 'Timed steps per round and entry.')
+_PIPELINE = flags.DEFINE_bool(
+    'pipeline', True, 'Measure the input pipeline (prepares the data set '
+    'when needed: the phantom is rendered, real sets need their files).')
+_PIPELINE_BATCHES = flags.DEFINE_integer('pipeline_batches', 30,
+                                         'Batches timed from the pipeline.')
+
+
+def defective_pair(config, batch) -> tuple[np.ndarray, np.ndarray]:
+  """(clean, defective) float images of a host batch, defects drawn once."""
+  clean = batch['image'].astype(np.float32) / 255.0
+  defect_config = defects_lib.DefectConfig.from_config(config)
+  defective = jax.jit(lambda key, images: defects_lib.random_defects_batch(
+      key, images, defect_config))(jax.random.key(config.seed), clean)
+  return clean, np.asarray(defective)
+
+
+def synthetic_batch(config, heads, batch_size: int, seed: int = 0) -> dict:
+  """A training batch with the shapes and dtypes of the real one."""
+  rng = np.random.default_rng(seed)
+  batch = {}
+  for name, spec in summary.abstract_batch(config, heads, batch_size).items():
+    if name == 'image':
+      batch[name] = rng.integers(0, 256, spec.shape, dtype=np.uint8)
+    elif spec.dtype == jnp.int32:
+      batch[name] = rng.integers(0, 2, spec.shape).astype(np.int32)
+    else:
+      batch[name] = rng.integers(0, 2, spec.shape).astype(np.float32)
+  return batch
+
+
+def _block(tree):
+  jax.tree.map(lambda x: x.block_until_ready(), tree)
+  return tree
+
+
+def _timed(fn, repeats: int) -> float:
+  """Seconds per call of `fn` (which must finish its work), over `repeats`."""
+  start = time.perf_counter()
+  for _ in range(repeats):
+    fn()
+  return (time.perf_counter() - start) / repeats
+
+
+def matmul_peak_gflops(repeats: int = 5) -> float:
+  """Best float32 GFLOP/s of a square matmul on the default device."""
+  n = 2048 if jax.default_backend() == 'cpu' else 8192
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+  b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+  matmul = jax.jit(jnp.matmul)
+  _block(matmul(a, b))
+  best = min(_timed(lambda: _block(matmul(a, b)), 1) for _ in range(repeats))
+  return 2 * n**3 / best / 1e9
+
+
+def peak_memory() -> tuple[float, str]:
+  """Peak bytes in use on the first local device, else the host's peak RSS."""
+  stats = jax.local_devices()[0].memory_stats() or {}
+  if 'peak_bytes_in_use' in stats:
+    return float(stats['peak_bytes_in_use']), 'device peak bytes in use'
+  rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+  return float(rss), 'host peak RSS (whole process)'
+
+
+class JaxEntries:
+  """The JAX train step and inference functions on one batch."""
+
+  def __init__(self, config, model_config, batch_size: int, mesh):
+    self.model_config = model_config
+    step_config = train.StepConfig(
+        model=model_config, loss=losses.LossConfig.from_config(config),
+        defects=defects_lib.DefectConfig.from_config(config), seed=config.seed)
+    optimizer = train.create_optimizer(config)
+    weight_map = jnp.asarray(losses.lung_weight_map(config.image_size,
+                                                    config.loss.lung_weight))
+    train_fn, _, _ = train.make_steps(mesh, step_config, optimizer, weight_map)
+    replicated = jax.sharding.NamedSharding(mesh, parallel.REPLICATED)
+    self.state = jax.jit(
+        functools.partial(train.create_train_state, model_config, optimizer,
+                          config.seed), out_shardings=replicated)()
+    host_batch = synthetic_batch(config, model_config.heads, batch_size)
+    self.host_batch = host_batch
+    self.batch = parallel.shard_batch(host_batch, mesh)
+    start = time.perf_counter()
+    self.train_compiled = train_fn.lower(self.state, self.batch).compile()
+    self.compile_seconds = time.perf_counter() - start
+
+    def encode_classify(params, images):
+      model = models.bind(model_config, params)
+      mu, _ = model.encode(images)
+      return model.classify(mu)
+
+    def reconstruct(params, images):
+      return models.bind(model_config, params)(images)[0]
+
+    self.images = parallel.shard_batch(
+        {'x': host_batch['image'].astype(np.float32) / 255.0}, mesh)['x']
+    self.infer_fn = parallel.data_parallel(encode_classify, mesh,
+                                           out_specs=parallel.SHARDED,
+                                           donate_state=False)
+    self.reconstruct_fn = parallel.data_parallel(reconstruct, mesh,
+                                                 out_specs=parallel.SHARDED,
+                                                 donate_state=False)
+  def train_step(self):
+    self.state, step_metrics = self.train_compiled(self.state, self.batch)
+    _block((self.state.params, step_metrics))
+
+  def infer(self):
+    _block(self.infer_fn(self.state.params, self.images))
+
+  def reconstruct(self):
+    _block(self.reconstruct_fn(self.state.params, self.images))
+
+
+class TorchEntries:
+  """The PyTorch port's train step (same losses) and inference, eager."""
+
+  def __init__(self, config, model_config: models.ModelConfig, params,
+               host_batch: dict[str, np.ndarray]):
+    import torch  # pylint: disable=g-import-not-at-top
+    from pumamednet_jax import torch_convert  # pylint: disable=g-import-not-at-top
+    from pumamednet_jax import torch_model  # pylint: disable=g-import-not-at-top
+    self.torch = torch
+    self.heads = model_config.heads
+    self.model = torch_model.PumaMedNet(
+        torch_model.ModelConfig.from_json(model_config.to_json()))
+    weights = torch_convert.flax_to_torch(jax.device_get(params), model_config)
+    self.model.load_state_dict({k: torch.tensor(v) for k, v in weights.items()})
+    self.optimizer = torch.optim.Adam(self.model.parameters(),
+                                      lr=config.learning_rate)
+    self.grad_clip_norm = config.grad_clip_norm
+    self.loss_config = losses.LossConfig.from_config(config)
+    batch = host_batch
+    clean, defective = defective_pair(config, batch)
+    nchw = lambda x: torch.tensor(x.transpose(0, 3, 1, 2))
+    self.clean, self.defective = nchw(clean), nchw(defective)
+    self.targets = {h.name: torch.from_numpy(batch[h.name]) for h in self.heads}
+    weight_map = losses.lung_weight_map(config.image_size, config.loss.lung_weight)
+    self.weight_map = torch.from_numpy(weight_map[None, None, ..., 0].copy())
+    window = losses.gaussian_window(self.loss_config.ssim_filter_size,
+                                    self.loss_config.ssim_filter_sigma)
+    self.window = torch.from_numpy(window)
+    self.generator = torch.Generator().manual_seed(0)
+
+  def _filter(self, x):
+    """The SSIM's separable Gaussian, 'valid' (as dm-pix computes it)."""
+    size = self.window.shape[0]
+    x = self.torch.nn.functional.conv2d(x, self.window.view(1, 1, size, 1))
+    return self.torch.nn.functional.conv2d(x, self.window.view(1, 1, 1, size))
+
+  def _weighted_mean(self, values, weights):
+    weights = weights.expand_as(values)
+    return (values * weights).sum((1, 2, 3)) / weights.sum((1, 2, 3))
+
+  def _loss(self, reconstruction, latents, outputs):
+    functional = self.torch.nn.functional
+    c1, c2 = 0.01**2, 0.03**2
+    a, b = reconstruction, self.clean
+    mu_a, mu_b = self._filter(a), self._filter(b)
+    var_a = self._filter(a * a) - mu_a**2
+    var_b = self._filter(b * b) - mu_b**2
+    cov = self._filter(a * b) - mu_a * mu_b
+    ssim_map = ((2 * mu_a * mu_b + c1) * (2 * cov + c2) /
+                ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2)))
+    crop = (self.window.shape[0] - 1) // 2
+    size = ssim_map.shape[-1]
+    ssim_weights = self.weight_map[..., crop:crop + size, crop:crop + size]
+    ssim = (1 - self._weighted_mean(ssim_map, ssim_weights)).mean()
+    recon = self._weighted_mean((a - b).abs(), self.weight_map).mean()
+    mu, logvar = latents['mu'], latents['logvar']
+    kl = (0.5 * (logvar.exp() + mu**2 - 1 - logvar).sum(-1)).mean()
+    config = self.loss_config
+    total = (config.ssim_weight * ssim + config.recon_weight * recon +
+             config.beta * kl / a[0].numel())
+    for head in self.heads:
+      output, target = outputs[head.name], self.targets[head.name]
+      if head.kind in (heads_lib.MULTILABEL, heads_lib.BINARY):
+        loss = functional.binary_cross_entropy_with_logits(output, target)
+        total = total + config.classification_weight * loss
+      elif head.kind == heads_lib.MULTICLASS:
+        loss = functional.cross_entropy(output, target.long())
+        total = total + config.classification_weight * loss
+      else:
+        loss = ((output - target / head.scale)**2).mean()
+        total = total + config.age_weight * loss
+    return total
+
+  def eval_loss(self) -> float:
+    """The total loss with z = mu (no sampling): to compare with JAX's."""
+    with self.torch.no_grad():
+      reconstruction, outputs, latents = self.model(self.defective)
+      return float(self._loss(reconstruction, latents, outputs))
+
+  def train_step(self):
+    self.optimizer.zero_grad(set_to_none=True)
+    reconstruction, outputs, latents = self.model(self.defective, train=True,
+                                                  generator=self.generator)
+    self._loss(reconstruction, latents, outputs).backward()
+    if self.grad_clip_norm:
+      self.torch.nn.utils.clip_grad_norm_(self.model.parameters(),
+                                          self.grad_clip_norm)
+    self.optimizer.step()
+
+  def infer(self):
+    with self.torch.inference_mode():
+      mu, _ = self.model.encode(self.defective)
+      self.model.classify(mu)
+
+  def reconstruct(self):
+    with self.torch.inference_mode():
+      self.model(self.defective)
+
+
+def pipeline_images_per_sec(config, heads, batch_size: int,
+                            num_batches: int) -> float:
+  """Images/s of the training input pipeline alone (decode, batch, prefetch)."""
+  sources = pipeline.get_sources(config)
+  pipeline.prepare(sources)
+  iterator = pipeline.create_train_iterator(
+      sources, heads, seed=config.seed, image_size=config.image_size,
+      global_batch_size=batch_size, shuffle_buffer=config.shuffle_buffer,
+      process_index=jax.process_index(), process_count=jax.process_count())
+  for _ in range(3):  # warm-up: fills the shuffle buffer and prefetch
+    next(iterator)
+  start = time.perf_counter()
+  for _ in range(num_batches):
+    next(iterator)
+  local_batch = parallel.local_batch_size(batch_size)
+  return num_batches * local_batch / (time.perf_counter() - start)
+
+
+def run(config, *, vs_torch: bool, rounds: int, steps: int,
+        measure_pipeline: bool, pipeline_batches: int) -> dict:
+  """All measurements; returns the results dict (the JSON)."""
+  train.check_config(config)
+  batch_size = config.batch_size
+  sources = pipeline.get_sources(config)
+  heads = pipeline.head_specs(sources, config.head_features)
+  model_config = models.model_config(config, heads)
+  mesh = parallel.create_mesh()
+  threads = len(os.sched_getaffinity(0))
+  results = {
+      'config_dataset': config.dataset,
+      'image_size': config.image_size,
+      'batch_size': batch_size,
+      'dtype': config.model.dtype,
+      'conv_impl': fast_conv.resolve_impl(config.model.conv_impl),
+      'device_kind': jax.devices()[0].device_kind,
+      'device_count': jax.device_count(),
+      'backend': jax.default_backend(),
+      'cpu_threads': threads,
+      'params': models.count_params_tree(models.abstract_params(model_config)),
+      'rounds': rounds,
+      'steps_per_round': steps,
+  }
+  jax_entries = JaxEntries(config, model_config, batch_size, mesh)
+  results['compile_seconds'] = jax_entries.compile_seconds
+  results['train_flops_per_image'] = summary.train_flops_per_image(
+      config, model_config, batch_size=8)
+  results['forward_flops_per_image'] = summary.forward_flops_per_image(
+      model_config, batch_size=8)
+  entries = {'jax': jax_entries}
+  if vs_torch:
+    import torch  # pylint: disable=g-import-not-at-top
+    torch.set_num_threads(threads)  # XLA:CPU uses every core it may
+    entries['torch'] = TorchEntries(config, model_config,
+                                    jax_entries.state.params,
+                                    jax_entries.host_batch)
+  for entry in entries.values():  # warm-up: allocations, caches, autotuning
+    for _ in range(2):
+      entry.train_step()
+      entry.infer()
+      entry.reconstruct()
+  seconds = {(framework, kind): [] for framework in entries
+             for kind in ('train', 'infer', 'reconstruct')}
+  peaks = []
+  for round_index in range(rounds):
+    for kind in ('train', 'infer', 'reconstruct'):
+      for framework, entry in entries.items():
+        fn = {'train': entry.train_step, 'infer': entry.infer,
+              'reconstruct': entry.reconstruct}[kind]
+        seconds[framework, kind].append(_timed(fn, steps))
+    peaks.append(matmul_peak_gflops(repeats=2))
+    logging.info('round %d/%d: %s', round_index + 1, rounds,
+                 {f'{f}/{k}': f'{batch_size / s[-1]:.1f} img/s'
+                  for (f, k), s in seconds.items()})
+  per_sec = lambda framework, kind: statistics.median(
+      batch_size / s for s in seconds[framework, kind])
+  results['train_images_per_sec'] = per_sec('jax', 'train')
+  results['infer_images_per_sec'] = per_sec('jax', 'infer')
+  results['reconstruct_images_per_sec'] = per_sec('jax', 'reconstruct')
+  results['matmul_peak_gflops'] = max(peaks)
+  results['achieved_gflops'] = (results['train_flops_per_image'] *
+                                results['train_images_per_sec'] / 1e9)
+  results['fraction_of_matmul_peak'] = (results['achieved_gflops'] /
+                                        results['matmul_peak_gflops'])
+  if vs_torch:
+    for kind, key in (('train', 'train'), ('infer', 'infer'),
+                      ('reconstruct', 'reconstruct')):
+      results[f'torch_{key}_images_per_sec'] = per_sec('torch', kind)
+      results[f'{key}_speedup_vs_torch'] = statistics.median(
+          t / j for j, t in zip(seconds['jax', kind], seconds['torch', kind]))
+  results['peak_memory_bytes'], results['peak_memory_kind'] = peak_memory()
+  if measure_pipeline:
+    results['pipeline_images_per_sec'] = pipeline_images_per_sec(
+        config, heads, batch_size, pipeline_batches)
+    results['pipeline_over_train'] = (results['pipeline_images_per_sec'] /
+                                      results['train_images_per_sec'])
+  return results
+
+
+def format_table(results: dict) -> str:
+  """The results as a human-readable table."""
+  rows = [
+      ('device', f"{results['device_count']} × {results['device_kind']} "
+                 f"({results['backend']}, {results['cpu_threads']} CPU threads)"),
+      ('config', f"{results['config_dataset']}, {results['image_size']} px, "
+                 f"batch {results['batch_size']}, {results['dtype']}, "
+                 f"conv_impl {results['conv_impl']}, {results['params']:,} params"),
+      ('compile (train step)', f"{results['compile_seconds']:.1f} s"),
+      ('train step', f"{results['train_images_per_sec']:.1f} images/s"),
+      ('inference (encode + classify)',
+       f"{results['infer_images_per_sec']:.1f} images/s"),
+      ('inference (reconstruction)',
+       f"{results['reconstruct_images_per_sec']:.1f} images/s"),
+      ('train FLOPs per image', f"{results['train_flops_per_image'] / 1e9:.3f} G"),
+      ('achieved (train step)', f"{results['achieved_gflops']:.1f} GFLOP/s = "
+                                f"{100 * results['fraction_of_matmul_peak']:.0f}% "
+                                f"of the matmul peak "
+                                f"({results['matmul_peak_gflops']:.0f} GFLOP/s)"),
+      ('peak memory', f"{results['peak_memory_bytes'] / 2**20:.0f} MiB "
+                      f"({results['peak_memory_kind']})"),
+  ]
+  if 'pipeline_images_per_sec' in results:
+    rows.append(('input pipeline', f"{results['pipeline_images_per_sec']:.1f} "
+                 f"images/s = {results['pipeline_over_train']:.1f}× the train step"))
+  if 'torch_train_images_per_sec' in results:
+    for kind, label in (('train', 'train step'),
+                        ('infer', 'inference (encode + classify)'),
+                        ('reconstruct', 'inference (reconstruction)')):
+      rows.append((f'PyTorch {label}',
+                   f"{results[f'torch_{kind}_images_per_sec']:.1f} images/s; "
+                   f"JAX {results[f'{kind}_speedup_vs_torch']:.2f}× faster"))
+  width = max(len(name) for name, _ in rows)
+  return '\n'.join(f'{name:<{width}}  {value}' for name, value in rows)
+
+
+def main(argv):
+  del argv
+  config = flags.FLAGS.config
+  if _BATCH.value is not None:
+    config.batch_size = _BATCH.value
+  if _IMAGE_SIZE.value is not None:
+    config.image_size = _IMAGE_SIZE.value
+  results = run(config, vs_torch=_VS_TORCH.value, rounds=_ROUNDS.value,
+                steps=_STEPS.value, measure_pipeline=_PIPELINE.value,
+                pipeline_batches=_PIPELINE_BATCHES.value)
+  print(format_table(results))
+  if _JSON.value:
+    with open(_JSON.value, 'w') as f:
+      json.dump(results, f, indent=2)
+
+
+if __name__ == '__main__':
+  app.run(main)

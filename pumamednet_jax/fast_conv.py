@@ -1,0 +1,302 @@
+"""The model's stride-2 convolutions in formulations that XLA:CPU runs fast.
+
+Each function computes exactly what one of the model's Flax layers computes,
+from the same parameter arrays (the HWIO `kernel` and the `bias` that nnx
+stores), so the checkpoint layout does not change:
+
+  conv(x, kernel, bias)
+      == nnx.Conv(k=4, strides=2, padding=((1, 1), (1, 1)))
+  conv_transpose(x, kernel, bias)
+      == nnx.ConvTranspose(k=4, strides=2, padding=((2, 2), (2, 2)),
+                           transpose_kernel=False)
+
+Why: XLA:CPU runs a convolution with a dilated input (the input gradient of a
+strided conv, and a transposed conv) with a slow generic loop, and kernel
+gradients as convolutions with huge windows; that made the model's train step
+several times slower than PyTorch's. Here everything heavy is a 2-D matmul or
+a stride-1 2×2 convolution, between cheap fused re-indexings:
+
+  * Strided conv, "shift" form: pad by 1 and space-to-depth by 2 turn the
+    4×4 stride-2 conv into a 2×2 stride-1 conv on 4·Cin channels; one matmul
+    gives each block's contribution to its 4 neighbouring outputs (4·Cout
+    columns), and a shifted sum adds them up.
+  * Strided conv, "patches" form (im2col): the 16·Cin values under each
+    output's window, times the (16·Cin, Cout) kernel. Cheaper when Cin is
+    small (the first layer: Cin = 1) or the image is small.
+  * Transposed conv, "sub-pixel" form: output pixel (2m+a, 2n+b) only sees the
+    2×2 input window at (m+a-1, n+b-1), through the kernel taps
+    (2·dy+a, 2·dx+b); a stride-1 2×2 conv with 4·Cout outputs gives all four
+    output phases, then depth-to-space. Its gradient is written by hand
+    (custom VJP): a stride-1 conv for the input, a matmul for the kernel.
+  * Transposed conv, "col2im" form: each input pixel times the (Cin, 16·Cout)
+    kernel, then the overlapping 4×4 footprints are added up. Cheaper when
+    Cout is small (the last layer: Cout = 1).
+
+`conv` and `conv_transpose` pick the form from the shapes. Matmuls are always
+2-D with one contracting dimension: with several (e.g. (batch, height, width)
+for a kernel gradient) XLA:CPU first transposes the big operand, which cost
+more than the matmul itself. The kernel re-arrangements happen inside the
+jitted function, on the small kernels. Results agree with the lax
+convolutions up to float32 rounding (summation order).
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax.nnx.nn import dtypes
+from jax import lax
+
+# conv_impl values: 'xla' = the Flax layers (lax convolutions), 'fast' = this
+# module, 'auto' = 'fast' on CPU and 'xla' elsewhere (cuDNN and the TPU
+# convolution emitters handle strided and transposed convolutions well).
+IMPLS = ('auto', 'xla', 'fast')
+
+# The 2×2 window offsets (dy, dx), in the order of the stacked channels.
+_TAPS = ((0, 0), (0, 1), (1, 0), (1, 1))
+
+
+def resolve_impl(conv_impl: str) -> str:
+  """'xla' or 'fast' for a conv_impl value ('auto' looks at the backend)."""
+  if conv_impl not in IMPLS:
+    raise ValueError(
+        f'model.conv_impl must be one of {IMPLS}, got {conv_impl!r}')
+  if conv_impl == 'auto':
+    return 'fast' if jax.default_backend() == 'cpu' else 'xla'
+  return conv_impl
+
+
+def _matmul(x: jax.Array, matrix: jax.Array) -> jax.Array:
+  """(..., K) @ (K, N) as one 2-D matmul."""
+  product = lax.dot_general(x.reshape(-1, x.shape[-1]), matrix,
+                            (((1,), (0,)), ((), ())))
+  return product.reshape(*x.shape[:-1], matrix.shape[-1])
+
+
+def _pad_spatial(x: jax.Array) -> jax.Array:
+  return jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+
+
+def _space_to_depth(x: jax.Array) -> jax.Array:
+  """(B, 2H, 2W, C) → (B, H, W, 4C); channels (row parity, column parity, c)."""
+  batch, height, width, channels = x.shape
+  x = x.reshape(batch, height // 2, 2, width // 2, 2, channels)
+  return x.transpose(0, 1, 3, 2, 4, 5).reshape(batch, height // 2, width // 2,
+                                                4 * channels)
+
+
+def _windows_2x2(x: jax.Array) -> jax.Array:
+  """(B, H+1, W+1, C) → (B, H, W, 4C): the 2×2 window at each position.
+
+  Channels are ordered (tap in _TAPS order, c).
+
+  Written as a sum of zero-padded slices, which XLA fuses into one loop (a
+  concatenate of slices became five separate copies).
+  """
+  height, width, channels = x.shape[1] - 1, x.shape[2] - 1, x.shape[3]
+  windows = 0
+  for tap, (dy, dx) in enumerate(_TAPS):
+    block = x[:, dy:dy + height, dx:dx + width]
+    windows = windows + jnp.pad(
+        block, ((0, 0), (0, 0), (0, 0), (tap * channels, (3 - tap) * channels)))
+  return windows
+
+
+def _interleave_phases(phases) -> jax.Array:
+  """phases[a][b]: (B, H, W, C) → (B, 2H, 2W, C).
+
+  out[2m + a, 2n + b] = phases[a][b][m, n].
+  """
+  batch, height, width, channels = phases[0][0].shape
+  rows = [jnp.stack(phases[a], axis=3) for a in (0, 1)]  # (B, H, W, 2[b], C)
+  return jnp.stack(rows, axis=2).reshape(batch, 2 * height, 2 * width, channels)
+
+
+def conv_patches(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+  """The strided conv as im2col × matmul; see the module docstring."""
+  in_channels, out_channels = kernel.shape[2:]
+  # Window of output (i, j): taps (2·dy + ry, 2·dx + rx), i.e. the 2×2 window
+  # at (i, j) of the space-to-depth image, channels ordered (dy, dx, ry, rx, c).
+  patches = _windows_2x2(_space_to_depth(_pad_spatial(x)))
+  # (dy, ry, dx, rx, c, o) → rows (dy, dx, ry, rx, c).
+  matrix = kernel.reshape(2, 2, 2, 2, in_channels, out_channels)
+  matrix = matrix.transpose(0, 2, 1, 3, 4, 5).reshape(16 * in_channels,
+                                                      out_channels)
+  return _matmul(patches, matrix) + bias
+
+
+def conv_shift(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+  """The strided conv as space-to-depth, matmul and a shifted sum."""
+  in_channels, out_channels = kernel.shape[2:]
+  batch, height, width = x.shape[0], x.shape[1] // 2, x.shape[2] // 2
+  blocks = _space_to_depth(_pad_spatial(x))  # (B, H+1, W+1, 4·Cin): (ry, rx, c)
+  # matrix[(ry, rx, c), (dy, dx, o)] = kernel[2·dy + ry, 2·dx + rx, c, o]
+  matrix = kernel.reshape(2, 2, 2, 2, in_channels, out_channels)
+  matrix = matrix.transpose(1, 3, 4, 0, 2, 5).reshape(4 * in_channels,
+                                                      4 * out_channels)
+  # Block (p, q) feeds output (p - dy, q - dx) through tap (dy, dx).
+  contributions = _matmul(blocks, matrix).reshape(batch, height + 1,
+                                                  width + 1, 4, out_channels)
+  out = sum(contributions[:, dy:dy + height, dx:dx + width, tap]
+            for tap, (dy, dx) in enumerate(_TAPS))
+  return out + bias
+
+
+def _subpixel_kernel(kernel: jax.Array) -> jax.Array:
+  """(4, 4, Cin, Cout) → (2, 2, Cin, 4·Cout).
+
+  [dy, dx, c, (a, b, o)] = kernel[2·dy + a, 2·dx + b, c, o].
+  """
+  in_channels, out_channels = kernel.shape[2:]
+  # (dy, a, dx, b, c, o)
+  kernel = kernel.reshape(2, 2, 2, 2, in_channels, out_channels)
+  return kernel.transpose(0, 2, 4, 1, 3, 5).reshape(2, 2, in_channels,
+                                                    4 * out_channels)
+
+
+def _phases_to_space(phases: jax.Array, out_channels: int) -> jax.Array:
+  """(B, H+1, W+1, 4·C) → (B, 2H, 2W, C).
+
+  out[2m + a, 2n + b] = phases[m + a, n + b, (a, b)].
+  """
+  batch, rows, cols, _ = phases.shape
+  height, width = rows - 1, cols - 1
+  phases = phases.reshape(batch, rows, cols, 2, 2, out_channels)
+  return _interleave_phases([[phases[:, a:a + height, b:b + width, a, b]
+                              for b in (0, 1)] for a in (0, 1)])
+
+
+def _space_to_phases(grad: jax.Array) -> jax.Array:
+  """The adjoint of _phases_to_space, as one fused loop (padded slices)."""
+  batch, height2, width2, channels = grad.shape
+  grad = grad.reshape(batch, height2 // 2, 2, width2 // 2, 2, channels)
+  phases = 0
+  for a in (0, 1):
+    for b in (0, 1):
+      phase = 2 * a + b
+      phases = phases + jnp.pad(grad[:, :, a, :, b], (
+          (0, 0), (a, 1 - a), (b, 1 - b),
+          (phase * channels, (3 - phase) * channels)))
+  return phases
+
+
+def _conv2x2(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """Stride-1 VALID correlation with a 2×2 kernel.
+
+  XLA:CPU runs this one well (XNNPACK): ~25% faster than the 2×2 windows ×
+  matmul it replaces in the forward pass.
+  """
+  return lax.conv_general_dilated(x, kernel, (1, 1), 'VALID',
+                                  dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+@jax.custom_vjp
+def conv_transpose_subpixel(x: jax.Array, kernel: jax.Array,
+                            bias: jax.Array) -> jax.Array:
+  """The transposed conv as a 2×2 conv to 4·Cout phases, then depth-to-space.
+
+  XLA's own gradient of that conv computes the kernel gradient as a
+  convolution with a huge window (slow on CPU); `_subpixel_vjp` uses a matmul.
+  """
+  phases = _conv2x2(_pad_spatial(x), _subpixel_kernel(kernel))
+  return _phases_to_space(phases, kernel.shape[-1]) + bias
+
+
+def _subpixel_fwd(x, kernel, bias):
+  return conv_transpose_subpixel(x, kernel, bias), (x, kernel)
+
+
+def _subpixel_vjp(residuals, grad):
+  x, kernel = residuals
+  in_channels, out_channels = kernel.shape[2:]
+  phases_grad = _space_to_phases(grad)  # (B, H+1, W+1, 4·Cout)
+  subpixel_kernel = _subpixel_kernel(kernel)
+  # Input: the phases are a 2×2 correlation of the padded input, so its
+  # gradient is a 2×2 correlation of the padded phase gradient with the
+  # flipped kernel (input and output channels swapped).
+  flipped = subpixel_kernel[::-1, ::-1].transpose(0, 1, 3, 2)
+  x_grad = _conv2x2(_pad_spatial(phases_grad), flipped)[:, 1:-1, 1:-1]
+  # Kernel: windows^T @ phase gradient, one (4·Cin, M) × (M, 4·Cout) matmul.
+  windows = _windows_2x2(_pad_spatial(x))
+  matrix_grad = lax.dot_general(
+      windows.reshape(-1, 4 * in_channels),
+      phases_grad.reshape(-1, 4 * out_channels), (((0,), (0,)), ((), ())))
+  kernel_grad = matrix_grad.reshape(2, 2, in_channels, 2, 2, out_channels)
+  kernel_grad = kernel_grad.transpose(0, 3, 1, 4, 2, 5).reshape(kernel.shape)
+  return x_grad, kernel_grad, jnp.sum(grad, axis=(0, 1, 2))
+
+
+conv_transpose_subpixel.defvjp(_subpixel_fwd, _subpixel_vjp)
+
+
+def conv_transpose_col2im(x: jax.Array, kernel: jax.Array,
+                          bias: jax.Array) -> jax.Array:
+  """The transposed conv as matmul with (Cin, 16·Cout), then overlap-add."""
+  in_channels, out_channels = kernel.shape[2:]
+  batch, height, width = x.shape[:3]
+  matrix = kernel.transpose(2, 0, 1, 3).reshape(in_channels, 16 * out_channels)
+  footprints = _matmul(x, matrix).reshape(batch, height, width, 4, 4,
+                                          out_channels)
+  # Input pixel i reaches output 2i + 2 - k through tap k; padded by one pixel,
+  # output 2m + a gathers taps (k, index into the padded input) below.
+  footprints = jnp.pad(footprints,
+                       ((0, 0), (1, 1), (1, 1), (0, 0), (0, 0), (0, 0)))
+  taps = {0: ((2, 1), (0, 0)), 1: ((1, 1), (3, 2))}
+  out = _interleave_phases([[
+      sum(footprints[:, py:py + height, px:px + width, ky, kx]
+          for ky, py in taps[a] for kx, px in taps[b])
+      for b in (0, 1)] for a in (0, 1)])
+  return out + bias
+
+
+# Jitted so that eager calls (notebooks, tests) compile one program per layer
+# instead of one per small op; inside a jitted step this is inlined.
+@functools.partial(jax.jit, static_argnames='dtype')
+def conv(x: jax.Array, kernel: jax.Array, bias: jax.Array,
+         dtype=None) -> jax.Array:
+  """nnx.Conv(k=4, strides=2, padding=((1, 1), (1, 1))) on NHWC `x`.
+
+  `kernel` is (4, 4, Cin, Cout) HWIO and `bias` (Cout,), as nnx stores them;
+  `dtype` is the layer's compute dtype, cast to as the layer does.
+  """
+  x, kernel, bias = dtypes.promote_dtype((x, kernel, bias), dtype=dtype)
+  if (_patches_cost(x.shape, kernel.shape)
+      <= _shift_cost(x.shape, kernel.shape)):
+    return conv_patches(x, kernel, bias)
+  return conv_shift(x, kernel, bias)
+
+
+# Rough cost of a formulation's train step, in float32 values moved through
+# memory (written, then read) plus FLOPs / 100 (on the 2-core CPU a value
+# moved costs about as much time as 100 FLOPs). It picks patches for the first
+# layer (Cin = 1) and for small images, the shifted sum elsewhere: the faster
+# one in per-layer forward + backward measurements at 64 and 256 px.
+def _patches_cost(x_shape, kernel_shape):
+  batch, height, width, _ = x_shape
+  cin, cout = kernel_shape[2:]
+  positions = batch * (height // 2) * (width // 2)
+  return positions * (2 * 16 * cin + 32 * cin * cout / 100)
+
+
+def _shift_cost(x_shape, kernel_shape):
+  batch, height, width, _ = x_shape
+  cin, cout = kernel_shape[2:]
+  positions = batch * (height // 2 + 1) * (width // 2 + 1)
+  return positions * (2 * 4 * (cin + cout) + 32 * cin * cout / 100)
+
+
+@functools.partial(jax.jit, static_argnames='dtype')
+def conv_transpose(x: jax.Array, kernel: jax.Array, bias: jax.Array,
+                   dtype=None) -> jax.Array:
+  """nnx.ConvTranspose(k=4, strides=2, padding=((2, 2), (2, 2))) on NHWC `x`.
+
+  (transpose_kernel=False: out[o] = Σ_k x_dilated[o + k - 2] · kernel[k].)
+  """
+  x, kernel, bias = dtypes.promote_dtype((x, kernel, bias), dtype=dtype)
+  in_channels, out_channels = kernel.shape[2:]
+  # Memory per input position: 4·Cin + 4·Cout for sub-pixel, 16·Cout for
+  # col2im; the last layer (Cout = 1) takes col2im.
+  if 3 * out_channels < in_channels:
+    return conv_transpose_col2im(x, kernel, bias)
+  return conv_transpose_subpixel(x, kernel, bias)
+

@@ -1,0 +1,68 @@
+"""The benchmark: its PyTorch step computes our losses, and it reports what
+the issue asks for. (Speeds are measured by running it, never asserted.)"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from configs import default
+from e2e_support import shrink
+from input_pipeline import pipeline
+from pumamednet_jax import benchmark
+from pumamednet_jax import losses
+from pumamednet_jax import models
+
+
+def tiny_setup(**overrides):
+  config = shrink(default.get_config(), **overrides)
+  heads = pipeline.head_specs(pipeline.get_sources(config), config.head_features)
+  return config, models.model_config(config, heads)
+
+
+def test_torch_loss_is_the_jax_loss():
+  # β and the weights away from 1, so that a misplaced factor shows.
+  config, model_config = tiny_setup(loss__beta=300.0, loss__recon_weight=0.5,
+                                    loss__classification_weight=2.0)
+  params = models.init_params(model_config, seed=3)
+  batch = benchmark.synthetic_batch(config, model_config.heads, batch_size=4)
+  torch_entries = benchmark.TorchEntries(config, model_config, params, batch)
+
+  clean, defective = benchmark.defective_pair(config, batch)
+  reconstruction, head_outputs, latents = jax.jit(
+      lambda p, x: models.bind(model_config, p)(x))(params, defective)
+  jax_loss, terms = losses.total_loss(
+      reconstruction=reconstruction, clean=jnp.asarray(clean),
+      head_outputs=head_outputs, latents=latents,
+      batch={k: jnp.asarray(v) for k, v in batch.items()},
+      heads=model_config.heads,
+      weight_map=jnp.asarray(losses.lung_weight_map(config.image_size,
+                                                    config.loss.lung_weight)),
+      step=jnp.asarray(0), config=losses.LossConfig.from_config(config))
+  assert float(terms['kl']) > 0  # the KL term takes part
+  np.testing.assert_allclose(torch_entries.eval_loss(), float(jax_loss),
+                             rtol=1e-5)
+
+
+def test_benchmark_reports_every_figure(phantom_data_dir):
+  # In bfloat16, which the train step must also run in (parameters float32).
+  config, _ = tiny_setup(data_dir=str(phantom_data_dir), model__dtype='bfloat16')
+  results = benchmark.run(config, vs_torch=True, rounds=1, steps=1,
+                          measure_pipeline=True, pipeline_batches=2)
+  for key in ('train_images_per_sec', 'infer_images_per_sec',
+              'pipeline_images_per_sec', 'train_flops_per_image',
+              'achieved_gflops', 'matmul_peak_gflops',
+              'torch_train_images_per_sec', 'torch_infer_images_per_sec',
+              'train_speedup_vs_torch', 'infer_speedup_vs_torch',
+              'compile_seconds', 'peak_memory_bytes'):
+    assert math.isfinite(results[key]) and results[key] > 0, key
+  assert results['batch_size'] == config.batch_size
+  assert results['dtype'] == 'bfloat16'
+  assert results['device_count'] >= 1 and results['device_kind']
+  np.testing.assert_allclose(
+      results['achieved_gflops'],
+      results['train_flops_per_image'] * results['train_images_per_sec'] / 1e9)
+  table = benchmark.format_table(results)
+  assert 'PyTorch train step' in table and 'input pipeline' in table
+

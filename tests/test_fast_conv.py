@@ -1,0 +1,145 @@
+"""fast_conv computes what the Flax conv layers compute, values and gradients."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import default
+from pumamednet_jax import fast_conv
+from pumamednet_jax import heads as heads_lib
+from pumamednet_jax import models
+
+# Agreement asked of the fast formulation: float32 rounding (summation order)
+# relative to the largest magnitude compared.
+TOLERANCE = 1e-5
+
+
+def assert_close(actual, expected, what):
+  actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+  assert actual.shape == expected.shape, what
+  scale = max(1.0, float(np.abs(expected).max()))
+  error = float(np.abs(actual - expected).max())
+  assert error <= TOLERANCE * scale, f'{what}: max error {error:.3g} (scale {scale:.3g})'
+
+
+def nnx_layer(kind, cin, cout, dtype=jnp.float32):
+  """The model's layer, built the way models.py builds it."""
+  rngs = nnx.Rngs(0)
+  if kind == 'conv':
+    return nnx.Conv(cin, cout, (4, 4), strides=2, padding=models.CONV_PADDING,
+                    dtype=dtype, rngs=rngs)
+  return nnx.ConvTranspose(cin, cout, (4, 4), strides=2,
+                           padding=models.CONV_TRANSPOSE_PADDING, dtype=dtype,
+                           rngs=rngs)
+
+
+def layer_outputs_and_grads(fn, x, kernel, bias, cotangent):
+  def loss(x, kernel, bias):
+    return jnp.sum(fn(x, kernel, bias) * cotangent)
+
+  @jax.jit  # one compilation instead of many small eager ones
+  def run(x, kernel, bias):
+    return (fn(x, kernel, bias),) + jax.grad(loss, argnums=(0, 1, 2))(x, kernel, bias)
+  return run(x, kernel, bias)
+
+
+FORMULATIONS = [
+    ('conv', fast_conv.conv_patches, 3, 5),
+    ('conv', fast_conv.conv_shift, 6, 4),
+    ('conv_transpose', fast_conv.conv_transpose_subpixel, 6, 4),
+    ('conv_transpose', fast_conv.conv_transpose_subpixel, 8, 1),
+    ('conv_transpose', fast_conv.conv_transpose_col2im, 6, 4),
+    ('conv_transpose', fast_conv.conv_transpose_col2im, 8, 1),
+]
+# conv / conv_transpose pick a formulation from the shapes; the model
+# test below runs them at the model's widths (both picks of each).
+
+
+@pytest.mark.parametrize('kind,formulation,cin,cout', FORMULATIONS,
+                         ids=lambda v: getattr(v, '__name__', str(v)))
+def test_formulation_matches_the_flax_layer(kind, formulation, cin, cout):
+  layer = nnx_layer(kind, cin, cout)
+  keys = jax.random.split(jax.random.key(1), 3)
+  # Non-square, and a bias that is not zero, so a swapped axis or a dropped
+  # bias would show.
+  height, width = (6, 10) if kind == 'conv' else (3, 5)
+  x = jax.random.normal(keys[0], (2, height, width, cin))
+  kernel = layer.kernel[...]
+  bias = jax.random.normal(keys[1], (cout,))
+  graphdef = nnx.graphdef(layer)
+
+  def reference(x, kernel, bias):
+    return nnx.merge(graphdef, {'kernel': kernel, 'bias': bias})(x)
+
+  expected_shape = jax.eval_shape(reference, x, kernel, bias).shape
+  cotangent = jax.random.normal(keys[2], expected_shape)
+  expected = layer_outputs_and_grads(reference, x, kernel, bias, cotangent)
+  actual = layer_outputs_and_grads(formulation, x, kernel, bias, cotangent)
+  for name, a, e in zip(('output', 'd/dx', 'd/dkernel', 'd/dbias'), actual, expected):
+    assert_close(a, e, name)
+
+
+def test_layers_cast_to_the_compute_dtype_like_flax():
+  x = jax.random.uniform(jax.random.key(2), (2, 8, 8, 4))
+  for kind, fn in (('conv', fast_conv.conv),
+                   ('conv_transpose', fast_conv.conv_transpose)):
+    layer = nnx_layer(kind, 4, 16, dtype=jnp.bfloat16)
+    out = jax.jit(fn, static_argnames='dtype')(
+        x, layer.kernel[...], layer.bias[...], dtype=layer.dtype)
+    expected = nnx.jit(lambda layer, x: layer(x))(layer, x)
+    assert out.dtype == expected.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(out, np.float32),
+                               np.asarray(expected, np.float32), atol=0.05, rtol=0.05)
+
+
+def model_pair(image_size):
+  """The same parameters in a model with lax convolutions and one with fast_conv."""
+  config = default.get_config()
+  heads = (heads_lib.HeadSpec('labels', heads_lib.MULTILABEL, names=('a', 'b', 'c')),
+           heads_lib.HeadSpec('sex', heads_lib.BINARY, names=('M', 'F')))
+  base = dataclasses.replace(models.model_config(config, heads), image_size=image_size)
+  params = models.init_params(dataclasses.replace(base, conv_impl='xla'), 0)
+  return (params, dataclasses.replace(base, conv_impl='xla'),
+          dataclasses.replace(base, conv_impl='fast'))
+
+
+def model_outputs_and_grads(model_config, params, images, rng):
+  def loss(params, images):
+    recon, heads, latent = models.bind(model_config, params)(images, rng, train=True)
+    return (jnp.mean((recon - images) ** 2) + jnp.mean(latent['mu'] ** 2)
+            + jnp.mean(jnp.exp(latent['logvar']))
+            + sum(jnp.mean(jnp.sin(v)) for v in heads.values()))
+
+  @jax.jit
+  def run(params, images):
+    recon, heads, latent = models.bind(model_config, params)(images, rng, train=True)
+    grads = jax.grad(loss, argnums=(0, 1))(params, images)
+    return {'recon': recon, 'heads': heads, 'latent': latent}, grads
+  return run(params, images)
+
+
+@pytest.mark.parametrize('image_size', [64])
+def test_model_with_fast_convs_matches_the_flax_layers(image_size):
+  params, plain, fast = model_pair(image_size)
+  images = jax.random.uniform(jax.random.key(3), (2, image_size, image_size, 1))
+  rng = jax.random.key(4)
+  expected = model_outputs_and_grads(plain, params, images, rng)
+  actual = model_outputs_and_grads(fast, params, images, rng)
+  leaves_expected = jax.tree_util.tree_leaves_with_path(expected)
+  leaves_actual = jax.tree.leaves(actual)
+  assert len(leaves_expected) == len(leaves_actual)
+  for (path, e), a in zip(leaves_expected, leaves_actual):
+    assert_close(a, e, jax.tree_util.keystr(path))
+
+
+def test_auto_picks_fast_on_cpu_and_bad_names_fail():
+  assert jax.default_backend() == 'cpu'
+  assert fast_conv.resolve_impl('auto') == 'fast'
+  assert fast_conv.resolve_impl('xla') == 'xla'
+  _, plain, _ = model_pair(64)
+  with pytest.raises(ValueError, match='model.conv_impl'):
+    dataclasses.replace(plain, conv_impl='cudnn')
