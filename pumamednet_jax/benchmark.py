@@ -47,25 +47,6 @@ from pumamednet_jax import parallel
 from pumamednet_jax import summary
 from pumamednet_jax import train
 
-config_flags.DEFINE_config_file('config', None, 'Configuration file.',
-                                lock_config=False)
-flags.mark_flags_as_required(['config'])
-_BATCH = flags.DEFINE_integer('batch', None,
-                              'Global batch size (default: config.batch_size).')
-_IMAGE_SIZE = flags.DEFINE_integer(
-    'image_size', None, 'Image side (default: config.image_size).')
-_VS_TORCH = flags.DEFINE_bool('vs_torch', False,
-                              'Also run the PyTorch port, alternating rounds.')
-_JSON = flags.DEFINE_string('json', None, 'Write the results here as JSON.')
-_ROUNDS = flags.DEFINE_integer('rounds', 5, 'Alternating rounds (medians).')
-_STEPS = flags.DEFINE_integer('steps', 8, 'Timed steps per round and entry.')
-_PIPELINE = flags.DEFINE_bool(
-    'pipeline', True, 'Measure the input pipeline (prepares the data set '
-    'when needed: the phantom is rendered, real sets need their files).')
-_PIPELINE_BATCHES = flags.DEFINE_integer('pipeline_batches', 30,
-                                         'Batches timed from the pipeline.')
-
-
 def defective_pair(config, batch) -> tuple[np.ndarray, np.ndarray]:
   """(clean, defective) float images of a host batch, defects drawn once."""
   clean = batch['image'].astype(np.float32) / 255.0
@@ -405,21 +386,46 @@ def format_table(results: dict) -> str:
   return '\n'.join(f'{name:<{width}}  {value}' for name, value in rows)
 
 
+def define_flags() -> None:
+  """The command's flags (defined only when run as a program, so that tests
+  and other tools can import this module beside other flag-defining ones)."""
+  config_flags.DEFINE_config_file('config', None, 'Configuration file.',
+                                  lock_config=False)
+  flags.mark_flags_as_required(['config'])
+  flags.DEFINE_integer('batch', None,
+                       'Global batch size (default: config.batch_size).')
+  flags.DEFINE_integer('image_size', None,
+                       'Image side (default: config.image_size).')
+  flags.DEFINE_bool('vs_torch', False,
+                    'Also run the PyTorch port, alternating rounds.')
+  flags.DEFINE_string('json', None, 'Write the results here as JSON.')
+  flags.DEFINE_integer('rounds', 5, 'Alternating rounds (medians).')
+  flags.DEFINE_integer('steps', 8, 'Timed steps per round and entry.')
+  flags.DEFINE_bool(
+      'pipeline', True, 'Measure the input pipeline (prepares the data set '
+      'when needed: the phantom is rendered, real sets need their files).')
+  flags.DEFINE_integer('pipeline_batches', 30,
+                       'Batches timed from the pipeline.')
+
+
 def main(argv):
   del argv
-  config = flags.FLAGS.config
-  if _BATCH.value is not None:
-    config.batch_size = _BATCH.value
-  if _IMAGE_SIZE.value is not None:
-    config.image_size = _IMAGE_SIZE.value
-  results = run(config, vs_torch=_VS_TORCH.value, rounds=_ROUNDS.value,
-                steps=_STEPS.value, measure_pipeline=_PIPELINE.value,
-                pipeline_batches=_PIPELINE_BATCHES.value)
+  flag_values = flags.FLAGS
+  config = flag_values.config
+  if flag_values.batch is not None:
+    config.batch_size = flag_values.batch
+  if flag_values.image_size is not None:
+    config.image_size = flag_values.image_size
+  results = run(config, vs_torch=flag_values.vs_torch,
+                rounds=flag_values.rounds, steps=flag_values.steps,
+                measure_pipeline=flag_values.pipeline,
+                pipeline_batches=flag_values.pipeline_batches)
   print(format_table(results))
-  if _JSON.value:
-    with open(_JSON.value, 'w') as f:
+  if flag_values.json:
+    with open(flag_values.json, 'w') as f:
       json.dump(results, f, indent=2)
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)
