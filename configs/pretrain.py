@@ -9,13 +9,13 @@ the reconstruction of the clean image is trained on all of them.
 
 import ml_collections
 
-from configs import default
+from configs import chestxray14
 
 
 def get_config():
-  config = default.get_config()
+  # The paper preset's size, optimiser and loop, on the pre-training mixture.
+  config = chestxray14.get_config()
   config.dataset = 'pretrain'
-  config.image_size = 256
   config.mixture = ml_collections.ConfigDict()
   # Data sets of the mixture (prepared with `python -m input_pipeline.prepare`).
   config.mixture.datasets = ('dtd', 'textures', 'medical_mnist')
@@ -23,13 +23,5 @@ def get_config():
   # 8,674 / 58,954). Only train splits are read, and DTD's TFDS train split
   # holds 1,880 of its images, so those repeat about 3× as often as the others.
   config.mixture.weights = (5_640.0, 8_674.0, 58_954.0)
-  config.batch_size = 64
   config.num_train_steps = 20_000
-  config.learning_rate = 1e-3
-  # Terms summed with equal weights (the demo's 4 is for its short run).
-  config.loss.classification_weight = 1.0
-  config.warmup_steps = 1_000
-  config.log_every_steps = 200
-  config.eval_every_steps = 2_500
-  config.checkpoint_every_steps = 1_000
   return config

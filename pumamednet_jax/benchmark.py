@@ -47,6 +47,7 @@ from pumamednet_jax import parallel
 from pumamednet_jax import summary
 from pumamednet_jax import train
 
+
 def defective_pair(config, batch) -> tuple[np.ndarray, np.ndarray]:
   """(clean, defective) float images of a host batch, defects drawn once."""
   clean = batch['image'].astype(np.float32) / 255.0
@@ -108,13 +109,8 @@ class JaxEntries:
 
   def __init__(self, config, model_config, batch_size: int, mesh):
     self.model_config = model_config
-    step_config = train.StepConfig(
-        model=model_config, loss=losses.LossConfig.from_config(config),
-        defects=defects_lib.DefectConfig.from_config(config), seed=config.seed)
     optimizer = train.create_optimizer(config)
-    weight_map = jnp.asarray(losses.lung_weight_map(config.image_size,
-                                                    config.loss.lung_weight))
-    train_fn, _, _ = train.make_steps(mesh, step_config, optimizer, weight_map)
+    train_fn, _, _ = train.make_steps(config, model_config, mesh, optimizer)
     replicated = jax.sharding.NamedSharding(mesh, parallel.REPLICATED)
     self.state = jax.jit(
         functools.partial(train.create_train_state, model_config, optimizer,

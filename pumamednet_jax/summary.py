@@ -16,8 +16,6 @@ from clu import parameter_overview
 from ml_collections import config_flags
 
 from input_pipeline import pipeline
-from pumamednet_jax import defects
-from pumamednet_jax import losses
 from pumamednet_jax import models
 from pumamednet_jax import parallel
 from pumamednet_jax import train
@@ -60,14 +58,9 @@ def forward_flops_per_image(model_config: models.ModelConfig,
 def train_flops_per_image(config, model_config, batch_size: int) -> float:
   """FLOPs of one whole train step (defects, model, losses, Adam) per image."""
   model_config = nominal(model_config)
-  step_config = train.StepConfig(
-      model=model_config, loss=losses.LossConfig.from_config(config),
-      defects=defects.DefectConfig.from_config(config), seed=0)
   optimizer = train.create_optimizer(config)
   mesh = jax.sharding.Mesh(jax.devices()[:1], (parallel.AXIS,))
-  weight_map = jnp.asarray(losses.lung_weight_map(config.image_size,
-                                                  config.loss.lung_weight))
-  train_fn, _, _ = train.make_steps(mesh, step_config, optimizer, weight_map)
+  train_fn, _, _ = train.make_steps(config, model_config, mesh, optimizer)
   state = jax.eval_shape(functools.partial(
       train.create_train_state, model_config, optimizer, 0))
   batch = abstract_batch(config, model_config.heads, batch_size)

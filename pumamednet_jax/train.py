@@ -15,7 +15,6 @@ import optax
 from absl import logging
 from clu import metric_writers
 from clu import periodic_actions
-from jax.sharding import PartitionSpec as P
 from PIL import Image
 
 from input_pipeline import pipeline
@@ -224,8 +223,15 @@ def image_grid_step(params: dict, batch: dict[str, jax.Array], *,
   return jnp.concatenate([defective, reconstruction, clean], axis=2)[..., 0]
 
 
-def make_steps(mesh, step_config: StepConfig, optimizer, weight_map):
-  """The data-parallel (jit ∘ shard_map) train, eval and image-grid steps."""
+def make_steps(config, model_config: models.ModelConfig, mesh,
+               optimizer: optax.GradientTransformation):
+  """The data-parallel (jit ∘ shard_map) train, eval and image-grid steps of
+  `config` (losses, defects, seed) for `model_config`, over `mesh`."""
+  step_config = StepConfig(
+      model=model_config, loss=losses.LossConfig.from_config(config),
+      defects=defects_lib.DefectConfig.from_config(config), seed=config.seed)
+  weight_map = jnp.asarray(losses.lung_weight_map(config.image_size,
+                                                  config.loss.lung_weight))
   train = parallel.data_parallel(
       functools.partial(train_step, step_config=step_config, optimizer=optimizer,
                         weight_map=weight_map),
@@ -353,14 +359,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   pipeline.prepare(sources)
   heads = pipeline.head_specs(sources, config.head_features)
   model_config = models.model_config(config, heads)
-  step_config = StepConfig(
-      model=model_config, loss=losses.LossConfig.from_config(config),
-      defects=defects_lib.DefectConfig.from_config(config), seed=config.seed)
   mesh = parallel.create_mesh()
   optimizer = create_optimizer(config)
-  weight_map = jnp.asarray(losses.lung_weight_map(config.image_size,
-                                                  config.loss.lung_weight))
-  train_fn, eval_fn, grid_fn = make_steps(mesh, step_config, optimizer, weight_map)
+  train_fn, eval_fn, grid_fn = make_steps(config, model_config, mesh, optimizer)
 
   manager = checkpoints.create_manager(workdir, keep=config.keep_checkpoints)
   state = restore_or_init(manager, model_config, optimizer, config.seed, mesh)

@@ -53,13 +53,9 @@ def main(out_path):
            heads_lib.HeadSpec('view', heads_lib.BINARY, labels.VIEWS),
            heads_lib.HeadSpec('age', heads_lib.REGRESSION, scale=100.0))
   model_config = models.model_config(config, heads)
-  step_config = train.StepConfig(
-      model=model_config, loss=losses.LossConfig.from_config(config),
-      defects=train.defects_lib.DefectConfig.from_config(config), seed=0)
   optimizer = train.create_optimizer(config)
   mesh = parallel.create_mesh()
-  weight_map = losses.lung_weight_map(64, config.loss.lung_weight)
-  train_fn, _, _ = train.make_steps(mesh, step_config, optimizer, weight_map)
+  train_fn, _, _ = train.make_steps(config, model_config, mesh, optimizer)
   state = parallel.replicate(
       train.create_train_state(model_config, optimizer, config.seed), mesh)
   local = parallel.local_batch_size(GLOBAL_BATCH)
