@@ -248,10 +248,9 @@ class TorchEntries:
       self.model(self.defective)
 
 
-def pipeline_images_per_sec(config, heads, batch_size: int,
+def pipeline_images_per_sec(config, sources, heads, batch_size: int,
                             num_batches: int) -> float:
   """Images/s of the training input pipeline alone (decode, batch, prefetch)."""
-  sources = pipeline.get_sources(config)
   pipeline.prepare(sources)
   iterator = pipeline.create_train_iterator(
       sources, heads, seed=config.seed, image_size=config.image_size,
@@ -340,7 +339,7 @@ def run(config, *, vs_torch: bool, rounds: int, steps: int,
   results['peak_memory_bytes'], results['peak_memory_kind'] = peak_memory()
   if measure_pipeline:
     results['pipeline_images_per_sec'] = pipeline_images_per_sec(
-        config, heads, batch_size, pipeline_batches)
+        config, sources, heads, batch_size, pipeline_batches)
     results['pipeline_over_train'] = (results['pipeline_images_per_sec'] /
                                       results['train_images_per_sec'])
   return results

@@ -99,6 +99,14 @@ def leaky_relu(x: jax.Array, slope: float) -> jax.Array:
   return jnp.where(x >= 0, x, slope * x)
 
 
+def apply_conv(layer, x: jax.Array, fast_fn, conv_impl: str) -> jax.Array:
+  """`layer(x)`, or the same function of the same parameters through
+  `fast_fn` (`fast_conv.conv` / `conv_transpose`) when conv_impl says so."""
+  if fast_conv.resolve_impl(conv_impl) == 'fast':
+    return fast_fn(x, layer.kernel[...], layer.bias[...], dtype=layer.dtype)
+  return layer(x)
+
+
 class Encoder(nnx.Module):
   """Six stride-2 convolutions, flatten, then two dense maps to mu and logvar."""
 
@@ -118,13 +126,9 @@ class Encoder(nnx.Module):
 
   def __call__(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
     x = images
-    fast = fast_conv.resolve_impl(self.conv_impl) == 'fast'
     for conv in self.convs:
-      if fast:
-        x = fast_conv.conv(x, conv.kernel[...], conv.bias[...], dtype=conv.dtype)
-      else:
-        x = conv(x)
-      x = leaky_relu(x, self.slope)
+      x = leaky_relu(apply_conv(conv, x, fast_conv.conv, self.conv_impl),
+                     self.slope)
     # NHWC flatten; the PyTorch port reorders the dense rows to match it.
     x = x.reshape(x.shape[0], -1)
     return (self.to_mu(x).astype(jnp.float32),
@@ -152,13 +156,8 @@ class Decoder(nnx.Module):
   def __call__(self, z: jax.Array) -> jax.Array:
     x = leaky_relu(self.from_latent(z), self.slope)
     x = x.reshape(z.shape[0], *self.bottleneck_shape)
-    fast = fast_conv.resolve_impl(self.conv_impl) == 'fast'
     for i, deconv in enumerate(self.deconvs):
-      if fast:
-        x = fast_conv.conv_transpose(x, deconv.kernel[...], deconv.bias[...],
-                                     dtype=deconv.dtype)
-      else:
-        x = deconv(x)
+      x = apply_conv(deconv, x, fast_conv.conv_transpose, self.conv_impl)
       if i < len(self.deconvs) - 1:
         x = leaky_relu(x, self.slope)
     return jax.nn.sigmoid(x.astype(jnp.float32))
