@@ -20,7 +20,7 @@ demo: setup
 	$(PY) main.py --config=$(CONFIG) --workdir=$(WORKDIR)
 
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 tests
 
 summary: setup
 	$(PY) -m pumamednet_jax.summary --config=$(CONFIG)
