@@ -285,6 +285,8 @@ def run(config, *, vs_torch: bool, rounds: int, steps: int,
       'device_count': jax.device_count(),
       'backend': jax.default_backend(),
       'cpu_threads': threads,
+      # Changes both frameworks' speed on the CPU (huge pages: README, Performance).
+      'glibc_tunables': os.environ.get('GLIBC_TUNABLES', ''),
       'params': models.count_params_tree(models.abstract_params(model_config)),
       'rounds': rounds,
       'steps_per_round': steps,
@@ -350,6 +352,8 @@ def format_table(results: dict) -> str:
   rows = [
       ('device', f"{results['device_count']} × {results['device_kind']} "
                  f"({results['backend']}, {results['cpu_threads']} CPU threads)"),
+      ('allocator', f"GLIBC_TUNABLES={results['glibc_tunables']}"
+                    if results['glibc_tunables'] else 'glibc defaults'),
       ('config', f"{results['config_dataset']}, {results['image_size']} px, "
                  f"batch {results['batch_size']}, {results['dtype']}, "
                  f"conv_impl {results['conv_impl']}, {results['params']:,} params"),

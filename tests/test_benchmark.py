@@ -2,6 +2,7 @@
 the issue asks for. (Speeds are measured by running it, never asserted.)"""
 
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -63,6 +64,8 @@ def test_benchmark_reports_every_figure(phantom_data_dir):
   np.testing.assert_allclose(
       results['achieved_gflops'],
       results['train_flops_per_image'] * results['train_images_per_sec'] / 1e9)
+  assert results['glibc_tunables'] == os.environ.get('GLIBC_TUNABLES', '')
   table = benchmark.format_table(results)
   assert 'PyTorch train step' in table and 'input pipeline' in table
+  assert 'allocator' in table
 
