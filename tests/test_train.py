@@ -1,6 +1,5 @@
 """End-to-end training on the tiny phantom: artefacts, resume, guards, config errors."""
 
-import os
 import signal
 import subprocess
 import sys
