@@ -13,9 +13,16 @@ stores), so the checkpoint layout does not change:
 Why: XLA:CPU runs a convolution with a dilated input (the input gradient of a
 strided conv, and a transposed conv) with a slow generic loop, and kernel
 gradients as convolutions with huge windows; that made the model's train step
-several times slower than PyTorch's. Here everything heavy is a 2-D matmul or
-a stride-1 2×2 convolution, between cheap fused re-indexings:
+several times slower than PyTorch's. Here the strided conv's forward pass is
+XLA's own convolution, run by Eigen's kernel (programs compiled with
+`compiler_options()`, as `parallel.data_parallel` does; under XLA's default
+options YNNPACK takes it, 1.5–3× slower), and everything else heavy is a 2-D
+matmul or a stride-1 2×2 convolution, between cheap fused re-indexings:
 
+  * Strided conv: `conv_with_matmul_grad` computes the forward pass with one
+    form (XLA's conv; with Cin = 1, the patches form on small images and a
+    space-to-depth 2×2 conv on big ones) and the gradients through a matmul
+    form below (custom VJP).
   * Strided conv, "shift" form: pad by 1 and space-to-depth by 2 turn the
     4×4 stride-2 conv into a 2×2 stride-1 conv on 4·Cin channels; one matmul
     gives each block's contribution to its 4 neighbouring outputs (4·Cout
@@ -51,6 +58,22 @@ from jax import lax
 # module, 'auto' = 'fast' on CPU and 'xla' elsewhere (cuDNN and the TPU
 # convolution emitters handle strided and transposed convolutions well).
 IMPLS = ('auto', 'xla', 'fast')
+
+# XLA:CPU compiler options for every program that runs the model. XLA:CPU
+# hands convolutions to YNNPACK by default, and for this model's strided
+# convolutions its Eigen kernels are 1.5–3× faster (layer 2 at 256 px, batch
+# 32: 56 instead of 152 ms); YNNPACK keeps the dots and reductions, as by
+# default.
+CPU_COMPILER_OPTIONS = {
+    'xla_cpu_experimental_ynn_fusion_type':
+        'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE',
+}
+
+
+def compiler_options() -> dict[str, str]:
+  """`jax.jit(..., compiler_options=...)` for the default backend."""
+  return dict(CPU_COMPILER_OPTIONS) if jax.default_backend() == 'cpu' else {}
+
 
 # The 2×2 window offsets (dy, dx), in the order of the stacked channels.
 _TAPS = ((0, 0), (0, 1), (1, 0), (1, 1))
@@ -183,8 +206,8 @@ def _space_to_phases(grad: jax.Array) -> jax.Array:
 def _conv2x2(x: jax.Array, kernel: jax.Array) -> jax.Array:
   """Stride-1 VALID correlation with a 2×2 kernel.
 
-  XLA:CPU runs this one well (XNNPACK): ~25% faster than the 2×2 windows ×
-  matmul it replaces in the forward pass.
+  XLA:CPU runs this one well (Eigen, under CPU_COMPILER_OPTIONS): faster
+  than the 2×2 windows × matmul it replaces in the forward pass.
   """
   return lax.conv_general_dilated(x, kernel, (1, 1), 'VALID',
                                   dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
@@ -249,6 +272,60 @@ def conv_transpose_col2im(x: jax.Array, kernel: jax.Array,
   return out + bias
 
 
+def conv_lax(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+  """The strided conv as XLA's convolution (Eigen's kernel on the CPU,
+  under CPU_COMPILER_OPTIONS): the fastest forward for Cin > 1."""
+  return lax.conv_general_dilated(
+      x, kernel, (2, 2), ((1, 1), (1, 1)),
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC')) + bias
+
+
+def conv_space_to_depth(x: jax.Array, kernel: jax.Array,
+                        bias: jax.Array) -> jax.Array:
+  """The strided conv as pad, space-to-depth and a stride-1 2×2 conv on
+  4·Cin channels: the first layer's (Cin = 1) fastest forward on big images,
+  where XLA's strided conv with one input channel is slow."""
+  in_channels, out_channels = kernel.shape[2:]
+  blocks = _space_to_depth(_pad_spatial(x))  # channels (ry, rx, c)
+  # (dy, ry, dx, rx, c, o) → [dy, dx, (ry, rx, c), o]
+  blocks_kernel = kernel.reshape(2, 2, 2, 2, in_channels, out_channels)
+  blocks_kernel = blocks_kernel.transpose(0, 2, 1, 3, 4, 5).reshape(
+      2, 2, 4 * in_channels, out_channels)
+  return _conv2x2(blocks, blocks_kernel) + bias
+
+
+_CONV_FORMS = {'lax': conv_lax, 'space_to_depth': conv_space_to_depth,
+               'patches': conv_patches, 'shift': conv_shift}
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def conv_with_matmul_grad(x: jax.Array, kernel: jax.Array, bias: jax.Array,
+                          forward_form: str, grad_form: str) -> jax.Array:
+  """The strided conv computed by `forward_form`, differentiated through
+  `grad_form` (a matmul form: XLA's own gradients of a strided conv are a
+  dilated conv and a huge-window conv, both slow on the CPU)."""
+  return _CONV_FORMS[forward_form](x, kernel, bias)
+
+
+def _conv_fwd(x, kernel, bias, forward_form, grad_form):
+  return conv_with_matmul_grad(x, kernel, bias, forward_form,
+                               grad_form), (x, kernel)
+
+
+def _conv_vjp(forward_form, grad_form, residuals, grad):
+  del forward_form
+  x, kernel = residuals
+  zero_bias = jnp.zeros(kernel.shape[-1], kernel.dtype)
+  # The form is linear in (x, kernel); XLA drops its unused forward matmul.
+  _, vjp = jax.vjp(lambda x, kernel: _CONV_FORMS[grad_form](x, kernel,
+                                                           zero_bias),
+                   x, kernel)
+  return (*vjp(grad), jnp.sum(grad, axis=(0, 1, 2)))
+
+
+conv_with_matmul_grad.defvjp(_conv_fwd, _conv_vjp)
+
+
 # Jitted so that eager calls (notebooks, tests) compile one program per layer
 # instead of one per small op; inside a jitted step this is inlined.
 @functools.partial(jax.jit, static_argnames='dtype')
@@ -260,10 +337,22 @@ def conv(x: jax.Array, kernel: jax.Array, bias: jax.Array,
   `dtype` is the layer's compute dtype, cast to as the layer does.
   """
   x, kernel, bias = dtypes.promote_dtype((x, kernel, bias), dtype=dtype)
-  if (_patches_cost(x.shape, kernel.shape)
-      <= _shift_cost(x.shape, kernel.shape)):
-    return conv_patches(x, kernel, bias)
-  return conv_shift(x, kernel, bias)
+  grad_form = ('patches' if _patches_cost(x.shape, kernel.shape)
+               <= _shift_cost(x.shape, kernel.shape) else 'shift')
+  return conv_with_matmul_grad(x, kernel, bias,
+                               _forward_form(x.shape, kernel.shape), grad_form)
+
+
+def _forward_form(x_shape, kernel_shape) -> str:
+  """The fastest forward in per-layer measurements (batch 32, 64 and 256 px,
+  under CPU_COMPILER_OPTIONS): XLA's conv, except with one input channel, where
+  im2col wins while its patches stay small (≤ 4 MiB: 64 px) and the
+  space-to-depth form on bigger images."""
+  batch, height, width, in_channels = x_shape
+  if in_channels > 1:
+    return 'lax'
+  patch_bytes = batch * (height // 2) * (width // 2) * 16 * in_channels * 4
+  return 'patches' if patch_bytes <= 4 * 2**20 else 'space_to_depth'
 
 
 # Rough cost of a formulation's train step, in float32 values moved through

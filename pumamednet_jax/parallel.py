@@ -15,6 +15,8 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from pumamednet_jax import fast_conv
+
 AXIS = 'batch'
 REPLICATED = P()
 SHARDED = P(AXIS)
@@ -67,7 +69,8 @@ def data_parallel(step_fn: Callable, mesh: Mesh, *, out_specs: Any,
   the parameters) and a batch split over devices as the second."""
   mapped = jax.shard_map(step_fn, mesh=mesh, in_specs=(REPLICATED, SHARDED),
                          out_specs=out_specs)
-  return jax.jit(mapped, donate_argnums=(0,) if donate_state else ())
+  return jax.jit(mapped, donate_argnums=(0,) if donate_state else (),
+                 compiler_options=fast_conv.compiler_options())
 
 
 def gather(tree: Any) -> Any:

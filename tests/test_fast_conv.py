@@ -12,6 +12,7 @@ from configs import default
 from pumamednet_jax import fast_conv
 from pumamednet_jax import heads as heads_lib
 from pumamednet_jax import models
+from pumamednet_jax import parallel
 
 # Agreement asked of the fast formulation: float32 rounding (summation order)
 # relative to the largest magnitude compared.
@@ -47,9 +48,24 @@ def layer_outputs_and_grads(fn, x, kernel, bias, cotangent):
   return run(x, kernel, bias)
 
 
+def conv_with_matmul_grad(forward_form, grad_form):
+  """fast_conv.conv's layer: one form's forward, another's gradient."""
+  def layer(x, kernel, bias):
+    return fast_conv.conv_with_matmul_grad(x, kernel, bias, forward_form,
+                                           grad_form)
+  layer.__name__ = f'{forward_form}_forward_{grad_form}_grad'
+  return layer
+
+
 FORMULATIONS = [
     ('conv', fast_conv.conv_patches, 3, 5),
     ('conv', fast_conv.conv_shift, 6, 4),
+    ('conv', fast_conv.conv_lax, 6, 4),
+    ('conv', fast_conv.conv_space_to_depth, 1, 5),
+    ('conv', conv_with_matmul_grad('lax', 'shift'), 6, 4),
+    ('conv', conv_with_matmul_grad('lax', 'patches'), 6, 4),
+    ('conv', conv_with_matmul_grad('space_to_depth', 'patches'), 1, 5),
+    ('conv', conv_with_matmul_grad('patches', 'shift'), 1, 5),
     ('conv_transpose', fast_conv.conv_transpose_subpixel, 6, 4),
     ('conv_transpose', fast_conv.conv_transpose_subpixel, 8, 1),
     ('conv_transpose', fast_conv.conv_transpose_col2im, 6, 4),
@@ -143,3 +159,24 @@ def test_auto_picks_fast_on_cpu_and_bad_names_fail():
   _, plain, _ = model_pair(64)
   with pytest.raises(ValueError, match='model.conv_impl'):
     dataclasses.replace(plain, conv_impl='cudnn')
+
+
+def test_model_programs_leave_convolutions_to_eigen():
+  """parallel.data_parallel compiles with fast_conv.compiler_options(), which
+  keep XLA:CPU's convolutions out of YNNPACK (slower for these layers)."""
+  kernel = jax.random.normal(jax.random.key(5), (4, 4, 32, 48))
+  images = jax.random.normal(jax.random.key(6), (2, 16, 16, 32))
+
+  def layer(kernel, images):
+    return fast_conv.conv_lax(images, kernel, 0.0)
+
+  mesh = parallel.create_mesh()
+  step = parallel.data_parallel(layer, mesh, out_specs=parallel.SHARDED,
+                                donate_state=False)
+  with_options = step.lower(kernel, images).compile().as_text()
+  default_options = jax.jit(layer).lower(kernel, images).compile().as_text()
+  assert 'convolution(' in with_options
+  assert '__ynn_fusion' not in with_options
+  assert '__ynn_fusion' in default_options  # what the options change
+  np.testing.assert_allclose(step(kernel, images), jax.jit(layer)(kernel, images),
+                             atol=1e-4, rtol=1e-4)
