@@ -124,11 +124,12 @@ class JaxEntries:
 
     def encode_classify(params, images):
       model = models.bind(model_config, params)
-      mu, _ = model.encode(images)
-      return model.classify(mu)
+      return models.in_chunks(lambda x: model.classify(model.encode(x)[0]),
+                              images)
 
     def reconstruct(params, images):
-      return models.bind(model_config, params)(images)[0]
+      model = models.bind(model_config, params)
+      return models.in_chunks(lambda x: model(x)[0], images)
 
     self.images = parallel.shard_batch(
         {'x': host_batch['image'].astype(np.float32) / 255.0}, mesh)['x']

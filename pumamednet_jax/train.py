@@ -197,7 +197,8 @@ def eval_step(params: dict, batch: dict[str, jax.Array], *,
   keys = example_keys(step_config.seed, EVAL_STREAM, 0, batch['index'])
   clean, defective = _defective_inputs(batch, keys, step_config.defects)
   model = models.bind(step_config.model, params)
-  reconstruction, head_outputs, _ = model(defective, train=False)
+  reconstruction, head_outputs, _ = models.in_chunks(
+      lambda images: model(images, train=False), defective)
   ssim = functools.partial(losses.ssim,
                            filter_size=step_config.loss.ssim_filter_size,
                            filter_sigma=step_config.loss.ssim_filter_sigma)
@@ -219,7 +220,8 @@ def image_grid_step(params: dict, batch: dict[str, jax.Array], *,
   """(B, S, 3S) rows of defective input | reconstruction | clean image."""
   keys = example_keys(step_config.seed, EVAL_STREAM, 0, batch['index'])
   clean, defective = _defective_inputs(batch, keys, step_config.defects)
-  reconstruction, _, _ = models.bind(step_config.model, params)(defective)
+  model = models.bind(step_config.model, params)
+  reconstruction, _, _ = models.in_chunks(model, defective)
   return jnp.concatenate([defective, reconstruction, clean], axis=2)[..., 0]
 
 

@@ -133,3 +133,24 @@ def test_bfloat16_computes_in_bfloat16_with_float32_parameters():
   # Rounded to bfloat16 on the way (differs), not another function (close).
   difference = float(jnp.max(jnp.abs(low[2]['mu'] - full[2]['mu'])))
   assert 0 < difference < 0.05 * max(1.0, float(jnp.max(jnp.abs(full[2]['mu']))))
+
+
+@pytest.mark.parametrize('batch,max_pixels,chunk', [
+    (6, 2 * 128 * 128, 2),  # chunks of the largest divisor under the limit
+    (5, 2 * 128 * 128, 1),  # a prime batch: one image at a time
+    (6, 8 * 128 * 128, 6),  # small enough: in one piece
+])
+def test_in_chunks_computes_the_same_per_example_outputs(cxr_model, batch,
+                                                         max_pixels, chunk):
+  images = jax.random.uniform(jax.random.key(7), (batch, 128, 128, 1))
+  run = lambda x: cxr_model(x, train=False)
+  chunked = jax.jit(lambda x: models.in_chunks(run, x, max_pixels=max_pixels))
+  jaxpr = str(jax.make_jaxpr(chunked)(images))
+  assert ('scan' in jaxpr) == (chunk < batch)
+  expected, actual = jax.jit(run)(images), chunked(images)
+  assert jax.tree.structure(actual) == jax.tree.structure(expected)
+  for (path, e), a in zip(jax.tree_util.tree_leaves_with_path(expected),
+                          jax.tree.leaves(actual)):
+    assert a.shape == e.shape
+    np.testing.assert_allclose(a, e, atol=1e-5, rtol=1e-5,
+                               err_msg=jax.tree_util.keystr(path))
