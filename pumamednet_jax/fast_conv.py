@@ -61,7 +61,7 @@ IMPLS = ('auto', 'xla', 'fast')
 # XLA:CPU compiler options for every program that runs the model. XLA:CPU
 # hands convolutions to YNNPACK by default, and for this model's strided
 # convolutions its Eigen kernels are 1.5–3× faster (layer 2 at 256 px, batch
-# 32: 56 instead of 152 ms); YNNPACK keeps the dots and reductions, as by
+# 32: 56 instead of 150–170 ms); YNNPACK keeps the dots and reductions, as by
 # default.
 CPU_COMPILER_OPTIONS = {
     'xla_cpu_experimental_ynn_fusion_type':
