@@ -103,7 +103,7 @@ def get_config() -> ml_collections.ConfigDict:
   # --- Optimisation -------------------------------------------------------
   # Global batch size (split over all devices of all hosts).
   config.batch_size = 32
-  # Number of training steps (~8 minutes of `make demo` on a 2-core CPU at 64 px).
+  # Number of training steps (6–8 minutes of `make demo` on a 2-core CPU at 64 px).
   config.num_train_steps = 3_000
   # Peak learning rate of Adam.
   config.learning_rate = 3e-3
