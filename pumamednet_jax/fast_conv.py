@@ -355,9 +355,10 @@ def _forward_form(x_shape, kernel_shape) -> str:
 
 # Rough cost of a formulation's train step, in float32 values moved through
 # memory (written, then read) plus FLOPs / 100 (on the 2-core CPU a value
-# moved costs about as much time as 100 FLOPs). It picks patches for the first
-# layer (Cin = 1) and for small images, the shifted sum elsewhere: the faster
-# one in per-layer forward + backward measurements at 64 and 256 px.
+# moved costs about as much time as 100 FLOPs); `conv` uses it to pick the
+# gradient form. It picks patches for the first layer (Cin = 1) and for small
+# images, the shifted sum elsewhere: the faster one in per-layer forward +
+# backward measurements at 64 and 256 px.
 def _patches_cost(x_shape, kernel_shape):
   batch, height, width, _ = x_shape
   cin, cout = kernel_shape[2:]
