@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 WORKDIR ?= workdir/demo
 CONFIG ?= configs/default.py
 # glibc: transparent huge pages for large blocks, so XLA's per-step temporaries cost
-# fewer page faults (the demo runs 1.18x faster on the 2-core CPU; README, Performance).
+# fewer page faults (README, Performance, memory pages).
 HUGEPAGES := GLIBC_TUNABLES=$${GLIBC_TUNABLES:+$$GLIBC_TUNABLES:}glibc.malloc.hugetlb=1
 
 .PHONY: setup demo test summary benchmark clean

@@ -74,6 +74,9 @@ def compiler_options() -> dict[str, str]:
   return dict(CPU_COMPILER_OPTIONS) if jax.default_backend() == 'cpu' else {}
 
 
+# Layouts of every lax convolution here: NHWC images, HWIO kernels (as nnx).
+_NHWC = ('NHWC', 'HWIO', 'NHWC')
+
 # The 2×2 window offsets (dy, dx), in the order of the stacked channels.
 _TAPS = ((0, 0), (0, 1), (1, 0), (1, 1))
 
@@ -209,7 +212,7 @@ def _conv2x2(x: jax.Array, kernel: jax.Array) -> jax.Array:
   than the 2×2 windows × matmul it replaces in the forward pass.
   """
   return lax.conv_general_dilated(x, kernel, (1, 1), 'VALID',
-                                  dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+                                  dimension_numbers=_NHWC)
 
 
 @jax.custom_vjp
@@ -274,9 +277,8 @@ def conv_transpose_col2im(x: jax.Array, kernel: jax.Array,
 def conv_lax(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
   """The strided conv as XLA's convolution (Eigen's kernel on the CPU,
   under CPU_COMPILER_OPTIONS): the fastest forward for Cin > 1."""
-  return lax.conv_general_dilated(
-      x, kernel, (2, 2), ((1, 1), (1, 1)),
-      dimension_numbers=('NHWC', 'HWIO', 'NHWC')) + bias
+  return lax.conv_general_dilated(x, kernel, (2, 2), ((1, 1), (1, 1)),
+                                  dimension_numbers=_NHWC) + bias
 
 
 def conv_direct(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
@@ -316,10 +318,8 @@ def _conv_fwd(x, kernel, bias, forward_form, grad_form):
 def _conv_vjp(forward_form, grad_form, residuals, grad):
   del forward_form
   x, kernel = residuals
-  zero_bias = jnp.zeros(kernel.shape[-1], kernel.dtype)
   # The form is linear in (x, kernel); XLA drops its unused forward matmul.
-  _, vjp = jax.vjp(lambda x, kernel: _CONV_FORMS[grad_form](x, kernel,
-                                                           zero_bias),
+  _, vjp = jax.vjp(lambda x, kernel: _CONV_FORMS[grad_form](x, kernel, 0.0),
                    x, kernel)
   return (*vjp(grad), jnp.sum(grad, axis=(0, 1, 2)))
 
