@@ -109,6 +109,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.learning_rate = 3e-3
   # Linear warm-up steps before cosine decay to 0.
   config.warmup_steps = 200
+  # Examples per device in one forward and backward pass (it must divide the
+  # batch per device); the step's gradient is the whole batch's either way.
+  # 0 = automatic: on the CPU micro-batches of ≤ 16 images and ≤ 2·256² pixels
+  # (faster), on GPU/TPU the whole batch.
+  config.micro_batch_size = 0
   # Global-norm gradient clipping (0 = off).
   config.grad_clip_norm = 1.0
   # Seed of parameter init, data order, defects and sampling.

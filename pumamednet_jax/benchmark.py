@@ -190,10 +190,13 @@ class TorchEntries:
     weights = weights.expand_as(values)
     return (values * weights).sum((1, 2, 3)) / weights.sum((1, 2, 3))
 
-  def _loss(self, reconstruction, latents, outputs):
+  def _loss(self, reconstruction, latents, outputs, examples=slice(None)):
+    """Our total loss of the batch's `examples` (all by default), as their
+    share of the whole batch's (every target of this batch is known, so the
+    heads' means need no masks)."""
     functional = self.torch.nn.functional
     c1, c2 = 0.01**2, 0.03**2
-    a, b = reconstruction, self.clean
+    a, b = reconstruction, self.clean[examples]
     mu_a, mu_b = self._filter(a), self._filter(b)
     var_a = self._filter(a * a) - mu_a**2
     var_b = self._filter(b * b) - mu_b**2
@@ -211,7 +214,7 @@ class TorchEntries:
     total = (config.ssim_weight * ssim + config.recon_weight * recon +
              config.beta * kl / a[0].numel())
     for head in self.heads:
-      output, target = outputs[head.name], self.targets[head.name]
+      output, target = outputs[head.name], self.targets[head.name][examples]
       if head.kind in (heads_lib.MULTILABEL, heads_lib.BINARY):
         loss = functional.binary_cross_entropy_with_logits(output, target)
         total = total + config.classification_weight * loss
@@ -221,7 +224,7 @@ class TorchEntries:
       else:
         loss = ((output - target / head.scale)**2).mean()
         total = total + config.age_weight * loss
-    return total
+    return total * (a.shape[0] / self.clean.shape[0])
 
   def eval_loss(self) -> float:
     """The total loss with z = mu (no sampling): to compare with JAX's."""
@@ -229,11 +232,17 @@ class TorchEntries:
       reconstruction, outputs, latents = self.model(self.defective)
       return float(self._loss(reconstruction, latents, outputs))
 
-  def train_step(self):
+  def train_step(self, micro_batch_size: int | None = None):
+    """One step on the batch, its gradient summed over micro-batches of
+    `micro_batch_size` examples when given (as the JAX step may)."""
     self.optimizer.zero_grad(set_to_none=True)
-    reconstruction, outputs, latents = self.model(self.defective, train=True,
-                                                  generator=self.generator)
-    self._loss(reconstruction, latents, outputs).backward()
+    size = self.defective.shape[0]
+    micro_batch_size = micro_batch_size or size
+    for start in range(0, size, micro_batch_size):
+      examples = slice(start, start + micro_batch_size)
+      reconstruction, outputs, latents = self.model(
+          self.defective[examples], train=True, generator=self.generator)
+      self._loss(reconstruction, latents, outputs, examples).backward()
     if self.grad_clip_norm:
       self.torch.nn.utils.clip_grad_norm_(self.model.parameters(),
                                           self.grad_clip_norm)
@@ -291,6 +300,10 @@ def run(config, *, vs_torch: bool, rounds: int, steps: int,
       'params': models.count_params_tree(models.abstract_params(model_config)),
       'rounds': rounds,
       'steps_per_round': steps,
+      # Examples per forward and backward pass of the JAX train step.
+      'micro_batch_size': train.micro_batch_size(
+          config.micro_batch_size, batch_size // jax.device_count(),
+          config.image_size),
   }
   jax_entries = JaxEntries(config, model_config, batch_size, mesh)
   results['compile_seconds'] = jax_entries.compile_seconds
@@ -305,26 +318,33 @@ def run(config, *, vs_torch: bool, rounds: int, steps: int,
     entries['torch'] = TorchEntries(config, model_config,
                                     jax_entries.state.params,
                                     jax_entries.host_batch)
-  for entry in entries.values():  # warm-up: allocations, caches, autotuning
-    for _ in range(2):
-      entry.train_step()
-      entry.infer()
-      entry.reconstruct()
-  seconds = {(framework, kind): [] for framework in entries
-             for kind in ('train', 'infer', 'reconstruct')}
+  # (framework, kind) → the call that a round times, in the order timed.
+  calls = {}
+  for kind in ('train', 'infer', 'reconstruct'):
+    for framework, entry in entries.items():
+      calls[framework, kind] = getattr(entry, 'train_step' if kind == 'train'
+                                       else kind)
+  if vs_torch and results['micro_batch_size'] < batch_size:
+    # PyTorch's step over the same micro-batches as the JAX step's, too:
+    # what PyTorch gains from them, measured rather than assumed.
+    calls['torch', 'train_micro'] = functools.partial(
+        entries['torch'].train_step, results['micro_batch_size'])
+  for call in calls.values():  # warm-up: allocations, caches, autotuning
+    call()
+    call()
+  seconds = {measurement: [] for measurement in calls}
   peaks = []
   for round_index in range(rounds):
-    for kind in ('train', 'infer', 'reconstruct'):
-      for framework, entry in entries.items():
-        fn = {'train': entry.train_step, 'infer': entry.infer,
-              'reconstruct': entry.reconstruct}[kind]
-        seconds[framework, kind].append(_timed(fn, steps))
+    for measurement, call in calls.items():
+      seconds[measurement].append(_timed(call, steps))
     peaks.append(matmul_peak_gflops(repeats=2))
     logging.info('round %d/%d: %s', round_index + 1, rounds,
                  {f'{f}/{k}': f'{batch_size / s[-1]:.1f} img/s'
                   for (f, k), s in seconds.items()})
   per_sec = lambda framework, kind: statistics.median(
       batch_size / s for s in seconds[framework, kind])
+  speedup = lambda kind, torch_kind: statistics.median(
+      t / j for j, t in zip(seconds['jax', kind], seconds['torch', torch_kind]))
   results['train_images_per_sec'] = per_sec('jax', 'train')
   results['infer_images_per_sec'] = per_sec('jax', 'infer')
   results['reconstruct_images_per_sec'] = per_sec('jax', 'reconstruct')
@@ -334,11 +354,12 @@ def run(config, *, vs_torch: bool, rounds: int, steps: int,
   results['fraction_of_matmul_peak'] = (results['achieved_gflops'] /
                                         results['matmul_peak_gflops'])
   if vs_torch:
-    for kind, key in (('train', 'train'), ('infer', 'infer'),
-                      ('reconstruct', 'reconstruct')):
-      results[f'torch_{key}_images_per_sec'] = per_sec('torch', kind)
-      results[f'{key}_speedup_vs_torch'] = statistics.median(
-          t / j for j, t in zip(seconds['jax', kind], seconds['torch', kind]))
+    for kind in ('train', 'infer', 'reconstruct'):
+      results[f'torch_{kind}_images_per_sec'] = per_sec('torch', kind)
+      results[f'{kind}_speedup_vs_torch'] = speedup(kind, kind)
+    if ('torch', 'train_micro') in seconds:
+      results['torch_micro_train_images_per_sec'] = per_sec('torch', 'train_micro')
+      results['train_speedup_vs_torch_micro'] = speedup('train', 'train_micro')
   results['peak_memory_bytes'], results['peak_memory_kind'] = peak_memory()
   if measure_pipeline:
     results['pipeline_images_per_sec'] = pipeline_images_per_sec(
@@ -359,7 +380,8 @@ def format_table(results: dict) -> str:
                  f"batch {results['batch_size']}, {results['dtype']}, "
                  f"conv_impl {results['conv_impl']}, {results['params']:,} params"),
       ('compile (train step)', f"{results['compile_seconds']:.1f} s"),
-      ('train step', f"{results['train_images_per_sec']:.1f} images/s"),
+      ('train step', f"{results['train_images_per_sec']:.1f} images/s "
+                     f"(micro-batches of {results['micro_batch_size']})"),
       ('inference (encode + classify)',
        f"{results['infer_images_per_sec']:.1f} images/s"),
       ('inference (reconstruction)',
@@ -382,6 +404,10 @@ def format_table(results: dict) -> str:
       rows.append((f'PyTorch {label}',
                    f"{results[f'torch_{kind}_images_per_sec']:.1f} images/s; "
                    f"JAX {results[f'{kind}_speedup_vs_torch']:.2f}× faster"))
+  if 'torch_micro_train_images_per_sec' in results:
+    rows.append((f"PyTorch train step, micro-batches of {results['micro_batch_size']}",
+                 f"{results['torch_micro_train_images_per_sec']:.1f} images/s; "
+                 f"JAX {results['train_speedup_vs_torch_micro']:.2f}× faster"))
   width = max(len(name) for name, _ in rows)
   return '\n'.join(f'{name:<{width}}  {value}' for name, value in rows)
 

@@ -1,7 +1,9 @@
 """Loss terms of PumaMedNet (paper Sec. 2.1.4–2.1.5): pure jnp functions.
 
 Every term is a scalar averaged over the examples of the (per-device) batch;
-`total_loss` weighs them from config and returns each term for logging.
+`total_loss` weighs them from config and returns each term for logging. A
+batch may be computed in micro-batches: with the whole batch's
+`loss_normalisers`, the terms of its micro-batches add up to the batch's.
 """
 
 import dataclasses
@@ -147,23 +149,29 @@ def beta_at(step: jax.Array, config: LossConfig) -> jax.Array:
   return config.beta * ramp
 
 
-def _masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
-  return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+def known_targets(mask: jax.Array, target: jax.Array) -> jax.Array:
+  """How many targets a head's loss averages over: the known ones (at least 1)."""
+  return jnp.maximum(jnp.sum(jnp.broadcast_to(mask, target.shape)), 1.0)
 
 
 def head_loss(head: heads_lib.HeadSpec, output: jax.Array, target: jax.Array,
-              mask: jax.Array) -> jax.Array:
-  """The loss of one head; `mask` marks the targets that are known (1) or not."""
+              mask: jax.Array, normaliser: jax.Array | None = None) -> jax.Array:
+  """The loss of one head; `mask` marks the targets that are known (1) or not.
+
+  The sum over known targets divided by `normaliser`: by default their count,
+  their mean; the whole batch's count when `output` is a micro-batch's.
+  """
+  if normaliser is None:
+    normaliser = known_targets(mask, target)
   if head.kind in (heads_lib.MULTILABEL, heads_lib.BINARY):
-    bce = optax.sigmoid_binary_cross_entropy(output, target.astype(jnp.float32))
-    return _masked_mean(bce, jnp.broadcast_to(mask, bce.shape))
-  if head.kind == heads_lib.MULTICLASS:
-    ce = optax.softmax_cross_entropy_with_integer_labels(
+    per_target = optax.sigmoid_binary_cross_entropy(
+        output, target.astype(jnp.float32))
+  elif head.kind == heads_lib.MULTICLASS:
+    per_target = optax.softmax_cross_entropy_with_integer_labels(
         output, target.astype(jnp.int32))
-    return _masked_mean(ce, mask)
-  # Regression: squared error on the scaled target (age / 100).
-  error = output - target.astype(jnp.float32) / head.scale
-  return _masked_mean(error**2, mask)
+  else:  # Regression: squared error on the scaled target (age / 100).
+    per_target = (output - target.astype(jnp.float32) / head.scale)**2
+  return jnp.sum(per_target * jnp.broadcast_to(mask, per_target.shape)) / normaliser
 
 
 def target_mask(batch: dict[str, jax.Array], head: heads_lib.HeadSpec,
@@ -173,6 +181,19 @@ def target_mask(batch: dict[str, jax.Array], head: heads_lib.HeadSpec,
   if mask is None:
     return jnp.ones(target.shape, jnp.float32)
   return mask.astype(jnp.float32)
+
+
+def loss_normalisers(batch: dict[str, jax.Array],
+                     heads: tuple[heads_lib.HeadSpec, ...],
+                     num_examples: int) -> dict[str, jax.Array]:
+  """What `total_loss` divides by, from the whole (per-device) batch: the
+  number of examples, and per head the number of known targets."""
+  normalisers = {'examples': jnp.asarray(num_examples, jnp.float32)}
+  for head in heads:
+    target = batch[head.name]
+    normalisers[f'head_{head.name}'] = known_targets(
+        target_mask(batch, head, target), target)
+  return normalisers
 
 
 def total_loss(
@@ -186,18 +207,30 @@ def total_loss(
     weight_map: jax.Array,
     step: jax.Array,
     config: LossConfig,
+    normalisers: dict[str, jax.Array] | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Weighted sum of all terms, and every term on its own for logging.
 
   β multiplies the KL divided by the number of pixels, because the
   reconstruction terms are per-pixel means: β = 1 is then the plain VAE
   objective (reconstruction summed over pixels + KL) and β > 1 the β-VAE.
+
+  `normalisers` (`loss_normalisers` of the whole batch) when the arguments
+  are one micro-batch of it: then every returned value is that micro-batch's
+  share, and the shares of all micro-batches add up to the batch's values.
+  By default the arguments are the whole batch.
   """
+  if normalisers is None:
+    normalisers = loss_normalisers(batch, heads, clean.shape[0])
+  # The per-example terms: this (micro-)batch's mean times its share of the batch.
+  share = clean.shape[0] / normalisers['examples']
   terms = {
-      'ssim': ssim_loss(reconstruction, clean, weight_map,
-                        config.ssim_filter_size, config.ssim_filter_sigma),
-      'recon': masked_reconstruction_loss(reconstruction, clean, weight_map),
-      'kl': kl_divergence(latents['mu'], latents['logvar']),
+      'ssim': share * ssim_loss(reconstruction, clean, weight_map,
+                                config.ssim_filter_size,
+                                config.ssim_filter_sigma),
+      'recon': share * masked_reconstruction_loss(reconstruction, clean,
+                                                  weight_map),
+      'kl': share * kl_divergence(latents['mu'], latents['logvar']),
   }
   num_pixels = np.prod(clean.shape[1:])
   beta = beta_at(step, config)
@@ -207,11 +240,11 @@ def total_loss(
   for head in heads:
     target = batch[head.name]
     loss = head_loss(head, head_outputs[head.name], target,
-                     target_mask(batch, head, target))
+                     target_mask(batch, head, target),
+                     normalisers[f'head_{head.name}'])
     terms[f'head_{head.name}'] = loss
     weight = (config.age_weight if head.kind == heads_lib.REGRESSION else
               config.classification_weight)
     total = total + weight * loss
-  terms['beta'] = beta
   terms['total'] = total
   return total, terms

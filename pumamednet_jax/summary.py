@@ -58,6 +58,10 @@ def forward_flops_per_image(model_config: models.ModelConfig,
 def train_flops_per_image(config, model_config, batch_size: int) -> float:
   """FLOPs of one whole train step (defects, model, losses, Adam) per image."""
   model_config = nominal(model_config)
+  # In one piece: XLA's cost analysis counts a loop's body once, so a step
+  # over micro-batches would count only one of them.
+  config = config.copy_and_resolve_references()
+  config.micro_batch_size = batch_size
   optimizer = train.create_optimizer(config)
   mesh = jax.sharding.Mesh(jax.devices()[:1], (parallel.AXIS,))
   train_fn, _, _ = train.make_steps(config, model_config, mesh, optimizer)

@@ -48,6 +48,7 @@ class StepConfig:
   loss: losses.LossConfig
   defects: defects_lib.DefectConfig
   seed: int
+  micro_batch_size: int  # config.micro_batch_size (0 = automatic)
 
 
 def check_config(config) -> None:
@@ -81,6 +82,12 @@ def check_config(config) -> None:
   if config.learning_rate <= 0:
     raise ValueError(f'config.learning_rate must be > 0, got {config.learning_rate}')
   parallel.check_batch_size(config.batch_size)
+  per_device = config.batch_size // jax.device_count()
+  if config.micro_batch_size < 0 or (
+      config.micro_batch_size and per_device % config.micro_batch_size):
+    raise ValueError(
+        'config.micro_batch_size must be 0 (automatic) or divide the batch '
+        f'per device ({per_device}), got {config.micro_batch_size}')
   losses.LossConfig.from_config(config)
   defects_lib.DefectConfig.from_config(config)
 
@@ -133,32 +140,84 @@ def _all_finite(tree) -> jax.Array:
   return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
+def micro_batch_size(requested: int, local_size: int, image_size: int) -> int:
+  """Examples per forward and backward pass of the train step:
+  `config.micro_batch_size`, or if 0 the whole per-device batch, split on the
+  CPU into micro-batches of at most `models.CPU_TRAIN_CHUNK_IMAGES` images
+  and `models.CPU_TRAIN_CHUNK_PIXELS` pixels."""
+  if requested:
+    if local_size % requested:
+      raise ValueError(f'config.micro_batch_size = {requested} does not divide '
+                       f'the batch per device ({local_size})')
+    return requested
+  if jax.default_backend() != 'cpu':
+    return local_size
+  return models.chunk_size(local_size, min(
+      models.CPU_TRAIN_CHUNK_IMAGES,
+      models.CPU_TRAIN_CHUNK_PIXELS // image_size**2))
+
+
+def sum_over_micro_batches(fn, inputs, size: int):
+  """Σ fn(micro-batch) over the micro-batches of `size` examples of `inputs`
+  (a pytree of arrays with a leading batch axis), one after another in a
+  loop; fn(inputs) when `size` is the whole batch."""
+  batch = jax.tree.leaves(inputs)[0].shape[0]
+  if size == batch:
+    return fn(inputs)
+  stacked = jax.tree.map(
+      lambda x: x.reshape(batch // size, size, *x.shape[1:]), inputs)
+  zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
+      fn, jax.tree.map(lambda x: x[0], stacked)))
+  total, _ = jax.lax.scan(
+      lambda acc, micro: (jax.tree.map(jnp.add, acc, fn(micro)), None),
+      zeros, stacked)
+  return total
+
+
 def train_step(state: TrainState, batch: dict[str, jax.Array], *,
                step_config: StepConfig, optimizer: optax.GradientTransformation,
                weight_map: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One optimisation step, written per device (call it inside shard_map)."""
+  """One optimisation step, written per device (call it inside shard_map).
+
+  The gradient and loss terms are the whole batch's, computed as sums over
+  micro-batches (`micro_batch_size`): the same values, less memory at a time.
+  """
   local_size = batch['image'].shape[0]
   keys = example_keys(step_config.seed, TRAIN_STREAM, state.step,
                       parallel.example_index(local_size))
-  clean, defective = _defective_inputs(batch, keys, step_config.defects)
-  latent_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
-
-  def loss_fn(params):
-    model = models.bind(step_config.model, params)
-    reconstruction, head_outputs, latents = model(defective, latent_keys,
-                                                  train=True)
-    return losses.total_loss(
-        reconstruction=reconstruction, clean=clean, head_outputs=head_outputs,
-        latents=latents, batch=batch, heads=step_config.model.heads,
-        weight_map=weight_map, step=state.step, config=step_config.loss)
-
+  heads = step_config.model.heads
+  normalisers = losses.loss_normalisers(batch, heads, local_size)
   # Differentiate a per-device copy of the replicated parameters: each device
   # gets the gradient of its own examples (as under pmap), averaged below.
   # (Through the replicated value itself, shard_map would psum it already.)
   local_params = jax.lax.pcast(state.params, parallel.AXIS, to='varying')
-  (_, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(local_params)
+
+  def grads_and_terms(micro):
+    micro_batch, micro_keys = micro
+    clean, defective = _defective_inputs(micro_batch, micro_keys,
+                                         step_config.defects)
+    latent_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(micro_keys)
+
+    def loss_fn(params):
+      model = models.bind(step_config.model, params)
+      reconstruction, head_outputs, latents = model(defective, latent_keys,
+                                                    train=True)
+      return losses.total_loss(
+          reconstruction=reconstruction, clean=clean, head_outputs=head_outputs,
+          latents=latents, batch=micro_batch, heads=heads,
+          weight_map=weight_map, step=state.step, config=step_config.loss,
+          normalisers=normalisers)
+
+    (_, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(local_params)
+    return grads, terms
+
+  micro_size = micro_batch_size(step_config.micro_batch_size, local_size,
+                                batch['image'].shape[1])
+  grads, terms = sum_over_micro_batches(grads_and_terms, (batch, keys),
+                                        micro_size)
   grads = jax.lax.pmean(grads, parallel.AXIS)
   terms = jax.lax.pmean(terms, parallel.AXIS)
+  terms['beta'] = losses.beta_at(state.step, step_config.loss)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   # A non-finite loss or gradient never reaches the parameters.
@@ -231,7 +290,8 @@ def make_steps(config, model_config: models.ModelConfig, mesh,
   `config` (losses, defects, seed) for `model_config`, over `mesh`."""
   step_config = StepConfig(
       model=model_config, loss=losses.LossConfig.from_config(config),
-      defects=defects_lib.DefectConfig.from_config(config), seed=config.seed)
+      defects=defects_lib.DefectConfig.from_config(config), seed=config.seed,
+      micro_batch_size=config.micro_batch_size)
   weight_map = jnp.asarray(losses.lung_weight_map(config.image_size,
                                                   config.loss.lung_weight))
   train = parallel.data_parallel(

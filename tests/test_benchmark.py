@@ -44,11 +44,22 @@ def test_torch_loss_is_the_jax_loss():
   assert float(terms['kl']) > 0  # the KL term takes part
   np.testing.assert_allclose(torch_entries.eval_loss(), float(jax_loss),
                              rtol=1e-5)
+  # Micro-batches' losses are their shares of the batch's: they add up to it.
+  parts = []
+  with torch_entries.torch.no_grad():
+    for part in (slice(0, 1), slice(1, 4)):
+      reconstruction, outputs, latents = torch_entries.model(
+          torch_entries.defective[part])
+      parts.append(float(torch_entries._loss(  # pylint: disable=protected-access
+          reconstruction, latents, outputs, part)))
+  np.testing.assert_allclose(sum(parts), float(jax_loss), rtol=1e-5)
 
 
 def test_benchmark_reports_every_figure(phantom_data_dir):
   # In bfloat16, which the train step must also run in (parameters float32).
-  config, _ = tiny_setup(data_dir=str(phantom_data_dir), model__dtype='bfloat16')
+  # Micro-batches of 4: the PyTorch step is also timed over them.
+  config, _ = tiny_setup(data_dir=str(phantom_data_dir), model__dtype='bfloat16',
+                         micro_batch_size=4)
   results = benchmark.run(config, vs_torch=True, rounds=1, steps=1,
                           measure_pipeline=True, pipeline_batches=2)
   for key in ('train_images_per_sec', 'infer_images_per_sec',
@@ -56,9 +67,11 @@ def test_benchmark_reports_every_figure(phantom_data_dir):
               'achieved_gflops', 'matmul_peak_gflops',
               'torch_train_images_per_sec', 'torch_infer_images_per_sec',
               'train_speedup_vs_torch', 'infer_speedup_vs_torch',
-              'compile_seconds', 'peak_memory_bytes'):
+              'compile_seconds', 'peak_memory_bytes',
+              'torch_micro_train_images_per_sec', 'train_speedup_vs_torch_micro'):
     assert math.isfinite(results[key]) and results[key] > 0, key
   assert results['batch_size'] == config.batch_size
+  assert results['micro_batch_size'] == 4
   assert results['dtype'] == 'bfloat16'
   assert results['device_count'] >= 1 and results['device_kind']
   np.testing.assert_allclose(
@@ -68,4 +81,5 @@ def test_benchmark_reports_every_figure(phantom_data_dir):
   table = benchmark.format_table(results)
   assert 'PyTorch train step' in table and 'input pipeline' in table
   assert 'allocator' in table
+  assert 'micro-batches of 4' in table and 'PyTorch train step, micro' in table
 

@@ -97,10 +97,55 @@ def test_total_loss_logs_every_term_and_warms_beta_up():
       weight_map=jnp.asarray(losses.lung_weight_map(64, 4.0)), config=loss_config)
   total0, terms0 = losses.total_loss(step=jnp.int32(0), **kwargs)
   total5, terms5 = losses.total_loss(step=jnp.int32(5), **kwargs)
-  assert set(terms0) == {'ssim', 'recon', 'kl', 'head_view', 'beta', 'total'}
-  assert float(terms0['beta']) == 0.0 and float(terms5['beta']) == 0.5
+  assert set(terms0) == {'ssim', 'recon', 'kl', 'head_view', 'total'}
+  assert float(losses.beta_at(jnp.int32(0), loss_config)) == 0.0
+  assert float(losses.beta_at(jnp.int32(5), loss_config)) == 0.5
   np.testing.assert_allclose(float(total5 - total0),
                              0.5 * float(terms0['kl']) / (64 * 64), rtol=1e-5)
+
+
+def test_micro_batch_terms_add_up_to_the_whole_batch():
+  loss_config = losses.LossConfig.from_config(default.get_config())
+  heads = (heads_lib.HeadSpec('labels', heads_lib.MULTILABEL, ('a', 'b')),
+           heads_lib.HeadSpec('label', heads_lib.MULTICLASS, ('x', 'y', 'z')),
+           heads_lib.HeadSpec('age', heads_lib.REGRESSION, scale=100.0))
+  keys = jax.random.split(jax.random.key(3), 8)
+  size = 6
+  # Known labels are spread unevenly over the two halves: a mean of the
+  # halves' means would weigh them wrongly.
+  batch = {
+      'labels': jax.random.bernoulli(keys[0], 0.5, (size, 2)).astype(jnp.float32),
+      'labels_mask': jnp.array([[1, 1], [1, 0], [0, 0], [1, 1], [1, 1], [1, 1]],
+                               jnp.float32),
+      'label': jax.random.randint(keys[1], (size,), 0, 3),
+      'label_mask': jnp.array([1, 0, 0, 1, 1, 1], jnp.float32),
+      'age': jax.random.uniform(keys[2], (size,), maxval=90.0),
+  }
+  arguments = dict(
+      reconstruction=random_images(4, (size, 64, 64, 1)),
+      clean=random_images(5, (size, 64, 64, 1)),
+      head_outputs={'labels': jax.random.normal(keys[3], (size, 2)),
+                    'label': jax.random.normal(keys[4], (size, 3)),
+                    'age': jax.random.uniform(keys[5], (size,))},
+      latents={'mu': jax.random.normal(keys[6], (size, 100)),
+               'logvar': jax.random.normal(keys[7], (size, 100))},
+      batch=batch)
+  common = dict(heads=heads, weight_map=jnp.asarray(losses.lung_weight_map(64, 4.0)),
+                step=jnp.int32(0), config=loss_config)
+  _, whole = losses.total_loss(**arguments, **common)
+  normalisers = losses.loss_normalisers(batch, heads, size)
+  halves = [losses.total_loss(**jax.tree.map(lambda x, part=part: x[part], arguments),
+                              normalisers=normalisers, **common)[1]
+            for part in (slice(0, 3), slice(3, 6))]
+  summed = jax.tree.map(lambda a, b: a + b, *halves)
+  assert set(summed) == set(whole)
+  for name in whole:
+    np.testing.assert_allclose(summed[name], whole[name], rtol=1e-6, err_msg=name)
+  # Without the whole batch's normalisers the halves' heads do not add up.
+  own = [losses.total_loss(**jax.tree.map(lambda x, part=part: x[part], arguments),
+                           **common)[1] for part in (slice(0, 3), slice(3, 6))]
+  assert abs(float(own[0]['head_label'] + own[1]['head_label']) / 2 -
+             float(whole['head_label'])) > 1e-3
 
 
 @pytest.mark.parametrize('key, value', [('beta', -1.0), ('lung_weight', 0.5),

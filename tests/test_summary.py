@@ -4,9 +4,11 @@ import subprocess
 import sys
 
 from configs import chestxray14
-from e2e_support import REPO_ROOT
+from configs import default
+from e2e_support import REPO_ROOT, shrink
 from input_pipeline import pipeline
 from pumamednet_jax import models
+from pumamednet_jax import summary
 
 PAPER_PARAMS = 1_405_753  # PumaMedNet-CXR, paper Sec. 2.1.3
 
@@ -34,3 +36,12 @@ def test_summary_prints_the_table_flops_and_total_params_last():
            for line in lines if 'FLOPs per image' in line}
   assert 1e7 < flops['forward FLOPs per image'] < flops[
       'train-step FLOPs per image'] < 1e9
+
+
+def test_train_flops_count_every_micro_batch():
+  config = shrink(default.get_config())
+  heads = pipeline.head_specs(pipeline.get_sources(config), config.head_features)
+  model_config = models.model_config(config, heads)
+  whole = summary.train_flops_per_image(config, model_config, 8)
+  config.micro_batch_size = 2  # a loop of four micro-batches
+  assert summary.train_flops_per_image(config, model_config, 8) == whole > 0

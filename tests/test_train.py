@@ -7,11 +7,15 @@ import time
 
 import jax
 import numpy as np
+import optax
 import pytest
 
 from configs import default
+from input_pipeline import pipeline
+from pumamednet_jax import benchmark
 from pumamednet_jax import checkpoints
 from pumamednet_jax import models
+from pumamednet_jax import parallel
 from pumamednet_jax import train
 from e2e_support import REPO_ROOT, config_flags, shrink
 
@@ -68,6 +72,7 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(phantom_data_dir, tmp_pat
     ('loss.beta', -1.0, 'config.loss.beta'),
     ('batch_size', 0, 'config.batch_size'),
     ('defects.flip_prob', 1.5, 'config.defects.flip_prob'),
+    ('micro_batch_size', 3, 'config.micro_batch_size'),
 ])
 def test_bad_config_fails_before_any_compute(tmp_path, key, value, message):
   config = shrink(default.get_config(), **{key.replace('.', '__'): value})
@@ -75,6 +80,55 @@ def test_bad_config_fails_before_any_compute(tmp_path, key, value, message):
   with pytest.raises(ValueError, match=message.replace('.', r'\.')):
     train.train_and_evaluate(config, str(workdir))
   assert not workdir.exists()
+
+
+def test_micro_batches_compute_the_same_step():
+  # The SSIM term is left out of the gradient (it is still computed and
+  # compared): at init the reconstructions are nearly constant, and float32
+  # SSIM (variance = E[x²] − μ²) turns summation-order rounding into ~1%
+  # gradient differences. Its micro-batch shares are checked in test_losses.
+  config = shrink(default.get_config(), loss__ssim_weight=0.0)
+  heads = pipeline.head_specs(pipeline.get_sources(config), config.head_features)
+  model_config = models.model_config(config, heads)
+  mesh = jax.sharding.Mesh(jax.devices()[:1], (parallel.AXIS,))
+  batch = benchmark.synthetic_batch(config, heads, config.batch_size)
+  # Unknown ages in one half only: the age loss must average over the whole
+  # batch's known ages, not over each micro-batch's.
+  batch['age_mask'] = np.array([1, 0, 0, 0, 1, 1, 1, 1], np.uint8)
+  batch = parallel.shard_batch(batch, mesh)
+  # Plain SGD with rate 1: the parameters move by exactly minus the gradient.
+  optimizer = optax.sgd(1.0)
+  results, loops = {}, {}
+  for micro_batch_size in (0, 2):
+    config.micro_batch_size = micro_batch_size
+    train_fn, _, _ = train.make_steps(config, model_config, mesh, optimizer)
+    state = parallel.replicate(train.create_train_state(
+        model_config, optimizer, config.seed), mesh)
+    loops[micro_batch_size] = train_fn.lower(state, batch).as_text().count(
+        'stablehlo.while')
+    results[micro_batch_size] = jax.device_get(train_fn(state, batch))
+  # 0 = automatic: a batch of 8 at 64 px is one piece on the CPU; 2 loops.
+  assert loops[2] == loops[0] + 1
+  (whole_state, whole_metrics), (micro_state, micro_metrics) = results.values()
+  assert set(micro_metrics) == set(whole_metrics)
+  for name, value in whole_metrics.items():
+    np.testing.assert_allclose(micro_metrics[name], value, rtol=1e-5, atol=1e-7,
+                               err_msg=name)
+  for (path, whole), micro in zip(
+      jax.tree_util.tree_leaves_with_path(whole_state.params),
+      jax.tree.leaves(micro_state.params)):
+    np.testing.assert_allclose(micro, whole, rtol=1e-5, atol=1e-6,
+                               err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.parametrize('image_size, local_size, expected', [
+    (64, 32, 16), (64, 8, 8), (128, 32, 8), (256, 32, 2), (512, 32, 1),
+    (128, 24, 8), (256, 3, 1)])
+def test_automatic_micro_batches_on_the_cpu(image_size, local_size, expected):
+  assert train.micro_batch_size(0, local_size, image_size) == expected
+  assert train.micro_batch_size(4, 8, image_size) == 4
+  with pytest.raises(ValueError, match='config.micro_batch_size'):
+    train.micro_batch_size(3, 8, image_size)
 
 
 def run_main(workdir, *flags, wait=True):
