@@ -14,7 +14,8 @@ peak memory; device kind and count.
 The train step is the real one (`train.make_steps`: on-device defects, model,
 all losses, Adam) on a fixed synthetic batch. Rounds of every measurement
 alternate, and the figures are medians over rounds, so that load from other
-processes on a shared machine hits everything alike. With `--vs_torch`, the
+processes on a shared machine hits everything alike; each measurement of a
+round starts with one untimed call and lasts at least 0.25 s. With `--vs_torch`, the
 same architecture (`torch_model`, with the same weights) and the same losses
 run in PyTorch eager on the same batch with the same thread count, in the
 same rounds; speed-ups are medians over rounds of the per-round ratio. The
@@ -76,12 +77,19 @@ def _block(tree):
   return tree
 
 
-def _timed(fn, repeats: int) -> float:
-  """Seconds per call of `fn` (which must finish its work), over `repeats`."""
-  start = time.perf_counter()
-  for _ in range(repeats):
+# Each timed measurement of a round lasts at least this long: an inference
+# call takes milliseconds, and a few of them alone are mostly noise.
+MIN_SECONDS_PER_MEASUREMENT = 0.25
+
+
+def _timed(fn, repeats: int, min_seconds: float = 0.0) -> float:
+  """Seconds per call of `fn` (which must finish its work), over at least
+  `repeats` calls and `min_seconds`."""
+  calls, start = 0, time.perf_counter()
+  while calls < repeats or time.perf_counter() - start < min_seconds:
     fn()
-  return (time.perf_counter() - start) / repeats
+    calls += 1
+  return (time.perf_counter() - start) / calls
 
 
 def matmul_peak_gflops(repeats: int = 5) -> float:
@@ -336,7 +344,11 @@ def run(config, *, vs_torch: bool, rounds: int, steps: int,
   peaks = []
   for round_index in range(rounds):
     for measurement, call in calls.items():
-      seconds[measurement].append(_timed(call, steps))
+      # One call untimed first: the previous measurement (often the other
+      # framework's) has just evicted this one's data from the caches.
+      call()
+      seconds[measurement].append(
+          _timed(call, steps, MIN_SECONDS_PER_MEASUREMENT))
     peaks.append(matmul_peak_gflops(repeats=2))
     logging.info('round %d/%d: %s', round_index + 1, rounds,
                  {f'{f}/{k}': f'{batch_size / s[-1]:.1f} img/s'
@@ -426,7 +438,8 @@ def define_flags() -> None:
                     'Also run the PyTorch port, alternating rounds.')
   flags.DEFINE_string('json', None, 'Write the results here as JSON.')
   flags.DEFINE_integer('rounds', 5, 'Alternating rounds (medians).')
-  flags.DEFINE_integer('steps', 8, 'Timed steps per round and entry.')
+  flags.DEFINE_integer('steps', 8, 'Timed calls per round and entry, at least '
+                       '(and at least 0.25 s of them).')
   flags.DEFINE_bool(
       'pipeline', True, 'Measure the input pipeline (prepares the data set '
       'when needed: the phantom is rendered, real sets need their files).')

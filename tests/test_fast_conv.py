@@ -63,6 +63,7 @@ FORMULATIONS = [
     ('conv', fast_conv.conv_lax, 6, 4),
     ('conv', fast_conv.conv_direct, 1, 5),
     ('conv', fast_conv.conv_direct, 2, 3),
+    ('conv', fast_conv.conv_one_pixel, 6, 4),  # on 2×2 images
     ('conv', conv_with_matmul_grad('lax', 'shift'), 6, 4),
     ('conv', conv_with_matmul_grad('lax', 'patches'), 6, 4),
     ('conv', conv_with_matmul_grad('direct', 'patches'), 1, 5),
@@ -84,6 +85,8 @@ def test_formulation_matches_the_flax_layer(kind, formulation, cin, cout):
   # Non-square, and a bias that is not zero, so a swapped axis or a dropped
   # bias would show.
   height, width = (6, 10) if kind == 'conv' else (3, 5)
+  if formulation is fast_conv.conv_one_pixel:
+    height, width = 2, 2
   x = jax.random.normal(keys[0], (2, height, width, cin))
   kernel = layer.kernel[...]
   bias = jax.random.normal(keys[1], (cout,))
