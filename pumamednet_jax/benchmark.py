@@ -15,10 +15,11 @@ The train step is the real one (`train.make_steps`: on-device defects, model,
 all losses, Adam) on a fixed synthetic batch. Rounds of every measurement
 alternate, and the figures are medians over rounds, so that load from other
 processes on a shared machine hits everything alike; each measurement of a
-round starts with one untimed call and lasts at least 0.25 s. With `--vs_torch`, the
-same architecture (`torch_model`, with the same weights) and the same losses
-run in PyTorch eager on the same batch with the same thread count, in the
-same rounds; speed-ups are medians over rounds of the per-round ratio. The
+round starts with one untimed call and lasts at least 0.25 s. With
+`--vs_torch`, the same architecture (`torch_model`, with the same weights) and
+the same losses run in PyTorch eager on the same batch with the same thread
+count, in the same rounds (and, when the JAX step uses micro-batches, over
+them too); speed-ups are medians over rounds of the per-round ratio. The
 PyTorch step gets its defective images for free (made once, up front), so
 the JAX step, which makes them on the device each step, does more work.
 """

@@ -82,12 +82,11 @@ def check_config(config) -> None:
   if config.learning_rate <= 0:
     raise ValueError(f'config.learning_rate must be > 0, got {config.learning_rate}')
   parallel.check_batch_size(config.batch_size)
-  per_device = config.batch_size // jax.device_count()
-  if config.micro_batch_size < 0 or (
-      config.micro_batch_size and per_device % config.micro_batch_size):
-    raise ValueError(
-        'config.micro_batch_size must be 0 (automatic) or divide the batch '
-        f'per device ({per_device}), got {config.micro_batch_size}')
+  if config.micro_batch_size < 0:
+    raise ValueError('config.micro_batch_size must be >= 0 (0 = automatic), '
+                     f'got {config.micro_batch_size}')
+  micro_batch_size(config.micro_batch_size,
+                   config.batch_size // jax.device_count(), config.image_size)
   losses.LossConfig.from_config(config)
   defects_lib.DefectConfig.from_config(config)
 
