@@ -83,14 +83,21 @@ def _block(tree):
 MIN_SECONDS_PER_MEASUREMENT = 0.25
 
 
-def _timed(fn, repeats: int, min_seconds: float = 0.0) -> float:
-  """Seconds per call of `fn` (which must finish its work), over at least
-  `repeats` calls and `min_seconds`."""
+def _minor_page_faults() -> int:
+  """The process's minor page faults so far (first touches of fresh pages)."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def _timed(fn, repeats: int, min_seconds: float = 0.0) -> tuple[float, float]:
+  """Seconds and minor page faults per call of `fn` (which must finish its
+  work), over at least `repeats` calls and `min_seconds`."""
+  faults = _minor_page_faults()
   calls, start = 0, time.perf_counter()
   while calls < repeats or time.perf_counter() - start < min_seconds:
     fn()
     calls += 1
-  return (time.perf_counter() - start) / calls
+  seconds = (time.perf_counter() - start) / calls
+  return seconds, (_minor_page_faults() - faults) / calls
 
 
 def matmul_peak_gflops(repeats: int = 5) -> float:
@@ -100,7 +107,7 @@ def matmul_peak_gflops(repeats: int = 5) -> float:
   b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
   matmul = jax.jit(jnp.matmul)
   _block(matmul(a, b))
-  best = min(_timed(lambda: _block(matmul(a, b)), 1) for _ in range(repeats))
+  best = min(_timed(lambda: _block(matmul(a, b)), 1)[0] for _ in range(repeats))
   return 2 * n**3 / best / 1e9
 
 
@@ -342,14 +349,17 @@ def run(config, *, vs_torch: bool, rounds: int, steps: int,
     call()
     call()
   seconds = {measurement: [] for measurement in calls}
+  page_faults = {measurement: [] for measurement in calls}
   peaks = []
   for round_index in range(rounds):
     for measurement, call in calls.items():
       # One call untimed first: the previous measurement (often the other
       # framework's) has just evicted this one's data from the caches.
       call()
-      seconds[measurement].append(
-          _timed(call, steps, MIN_SECONDS_PER_MEASUREMENT))
+      call_seconds, call_faults = _timed(call, steps,
+                                         MIN_SECONDS_PER_MEASUREMENT)
+      seconds[measurement].append(call_seconds)
+      page_faults[measurement].append(call_faults)
     peaks.append(matmul_peak_gflops(repeats=2))
     logging.info('round %d/%d: %s', round_index + 1, rounds,
                  {f'{f}/{k}': f'{batch_size / s[-1]:.1f} img/s'
@@ -361,6 +371,11 @@ def run(config, *, vs_torch: bool, rounds: int, steps: int,
   results['train_images_per_sec'] = per_sec('jax', 'train')
   results['infer_images_per_sec'] = per_sec('jax', 'infer')
   results['reconstruct_images_per_sec'] = per_sec('jax', 'reconstruct')
+  # Fresh memory touched per call: what makes a CPU figure swing with the
+  # host (README, Performance); medians over rounds.
+  results['page_faults_per_call'] = {
+      f'{framework}/{kind}': statistics.median(faults)
+      for (framework, kind), faults in page_faults.items()}
   results['matmul_peak_gflops'] = max(peaks)
   results['achieved_gflops'] = (results['train_flops_per_image'] *
                                 results['train_images_per_sec'] / 1e9)
@@ -406,6 +421,9 @@ def format_table(results: dict) -> str:
                                 f"({results['matmul_peak_gflops']:.0f} GFLOP/s)"),
       ('peak memory', f"{results['peak_memory_bytes'] / 2**20:.0f} MiB "
                       f"({results['peak_memory_kind']})"),
+      ('minor page faults per call', ', '.join(
+          f'{name} {faults:,.0f}'
+          for name, faults in results['page_faults_per_call'].items())),
   ]
   if 'pipeline_images_per_sec' in results:
     rows.append(('input pipeline', f"{results['pipeline_images_per_sec']:.1f} "
