@@ -82,9 +82,6 @@ def check_config(config) -> None:
   if config.learning_rate <= 0:
     raise ValueError(f'config.learning_rate must be > 0, got {config.learning_rate}')
   parallel.check_batch_size(config.batch_size)
-  if config.micro_batch_size < 0:
-    raise ValueError('config.micro_batch_size must be >= 0 (0 = automatic), '
-                     f'got {config.micro_batch_size}')
   micro_batch_size(config.micro_batch_size,
                    config.batch_size // jax.device_count(), config.image_size)
   losses.LossConfig.from_config(config)
@@ -144,6 +141,9 @@ def micro_batch_size(requested: int, local_size: int, image_size: int) -> int:
   `config.micro_batch_size`, or if 0 the whole per-device batch, split on the
   CPU into micro-batches of at most `models.CPU_TRAIN_CHUNK_IMAGES` images
   and `models.CPU_TRAIN_CHUNK_PIXELS` pixels."""
+  if requested < 0:
+    raise ValueError('config.micro_batch_size must be >= 0 (0 = automatic), '
+                     f'got {requested}')
   if requested:
     if local_size % requested:
       raise ValueError(f'config.micro_batch_size = {requested} does not divide '
