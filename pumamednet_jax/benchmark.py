@@ -100,11 +100,12 @@ def _timed(fn, repeats: int, min_seconds: float = 0.0) -> tuple[float, float]:
   return seconds, (_minor_page_faults() - faults) / calls
 
 
-def matmul_peak_gflops(repeats: int = 5) -> float:
-  """Best float32 GFLOP/s of a square matmul on the default device."""
+def matmul_peak_gflops(dtype: str = 'float32', repeats: int = 5) -> float:
+  """Best GFLOP/s of a square matmul in `dtype` (the model's compute dtype:
+  a bfloat16 model is held to the bfloat16 peak) on the default device."""
   n = 2048 if jax.default_backend() == 'cpu' else 8192
-  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-  b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+  a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+  b = jax.random.normal(jax.random.key(1), (n, n), dtype)
   matmul = jax.jit(jnp.matmul)
   _block(matmul(a, b))
   best = min(_timed(lambda: _block(matmul(a, b)), 1)[0] for _ in range(repeats))
@@ -360,7 +361,7 @@ def run(config, *, vs_torch: bool, rounds: int, steps: int,
                                          MIN_SECONDS_PER_MEASUREMENT)
       seconds[measurement].append(call_seconds)
       page_faults[measurement].append(call_faults)
-    peaks.append(matmul_peak_gflops(repeats=2))
+    peaks.append(matmul_peak_gflops(config.model.dtype, repeats=2))
     logging.info('round %d/%d: %s', round_index + 1, rounds,
                  {f'{f}/{k}': f'{batch_size / s[-1]:.1f} img/s'
                   for (f, k), s in seconds.items()})
@@ -417,7 +418,7 @@ def format_table(results: dict) -> str:
       ('train FLOPs per image', f"{results['train_flops_per_image'] / 1e9:.3f} G"),
       ('achieved (train step)', f"{results['achieved_gflops']:.1f} GFLOP/s = "
                                 f"{100 * results['fraction_of_matmul_peak']:.0f}% "
-                                f"of the matmul peak "
+                                f"of the {results['dtype']} matmul peak "
                                 f"({results['matmul_peak_gflops']:.0f} GFLOP/s)"),
       ('peak memory', f"{results['peak_memory_bytes'] / 2**20:.0f} MiB "
                       f"({results['peak_memory_kind']})"),

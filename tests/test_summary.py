@@ -45,3 +45,21 @@ def test_train_flops_count_every_micro_batch():
   whole = summary.train_flops_per_image(config, model_config, 8)
   config.micro_batch_size = 2  # a loop of four micro-batches
   assert summary.train_flops_per_image(config, model_config, 8) == whole > 0
+
+
+def test_flops_count_every_convolution():
+  # Each of the encoder's stride-2 convs, and its mirror ConvTranspose in the
+  # decoder, does k²·Cin·Cout multiply-adds per output (input) pixel of the
+  # smaller side. XLA skips the taps that fall on padding (~10% here), but a
+  # count that left convolutions out (XLA's GPU cost analysis does so for
+  # cuDNN's, hence the count on the CPU) would fall far short.
+  config = shrink(default.get_config())
+  heads = pipeline.head_specs(pipeline.get_sources(config), config.head_features)
+  model_config = models.model_config(config, heads)
+  channels = (1, *config.model.channels)
+  multiply_adds = sum(
+      models.KERNEL_SIZE**2 * c_in * c_out * (config.image_size // 2**(i + 1))**2
+      for i, (c_in, c_out) in enumerate(zip(channels[:-1], channels[1:])))
+  convolution_flops = 2 * 2 * multiply_adds  # encoder and decoder, 2 per MAC
+  counted = summary.forward_flops_per_image(model_config, 8)
+  assert 0.8 * convolution_flops < counted < 1.25 * convolution_flops
