@@ -17,9 +17,10 @@ alternate, and the figures are medians over rounds, so that load from other
 processes on a shared machine hits everything alike; each measurement of a
 round starts with one untimed call and lasts at least 0.25 s. With
 `--vs_torch`, the same architecture (`torch_model`, with the same weights) and
-the same losses run in PyTorch eager on the same batch with the same thread
-count, in the same rounds (and, when the JAX step uses micro-batches, over
-them too); speed-ups are medians over rounds of the per-round ratio. The
+the same losses run in PyTorch eager on the same batch, on the same kind of
+device (the CPU with the same thread count, or a CUDA GPU) in the same dtype,
+in the same rounds (and, when the JAX step uses micro-batches, over them too);
+speed-ups are medians over rounds of the per-round ratio. The
 PyTorch step gets its defective images for free (made once, up front), so
 the JAX step, which makes them on the device each step, does more work.
 """
@@ -167,8 +168,24 @@ class JaxEntries:
     _block(self.reconstruct_fn(self.state.params, self.images))
 
 
+def torch_device(torch):
+  """Where the PyTorch port runs: on the device kind that JAX runs on."""
+  backend = jax.default_backend()
+  if backend == 'cpu':
+    return torch.device('cpu')
+  if backend == 'gpu' and torch.cuda.is_available():
+    return torch.device('cuda')
+  raise RuntimeError(
+      f'--vs_torch compares the frameworks on the same device: JAX runs on '
+      f'{backend} ({jax.devices()[0].device_kind}) and this PyTorch '
+      f'{torch.__version__} has no such device (a CUDA build of PyTorch runs '
+      f'on NVIDIA GPUs; without --vs_torch the benchmark runs anywhere)')
+
+
 class TorchEntries:
-  """The PyTorch port's train step (same losses) and inference, eager."""
+  """The PyTorch port's train step (same losses) and inference, eager, on the
+  device JAX runs on; a bfloat16 model runs under autocast (parameters and
+  losses float32, as in JAX)."""
 
   def __init__(self, config, model_config: models.ModelConfig, params,
                host_batch: dict[str, np.ndarray]):
@@ -176,26 +193,49 @@ class TorchEntries:
     from pumamednet_jax import torch_convert  # pylint: disable=g-import-not-at-top
     from pumamednet_jax import torch_model  # pylint: disable=g-import-not-at-top
     self.torch = torch
+    self.device = torch_device(torch)
     self.heads = model_config.heads
     self.model = torch_model.PumaMedNet(
         torch_model.ModelConfig.from_json(model_config.to_json()))
     weights = torch_convert.flax_to_torch(jax.device_get(params), model_config)
     self.model.load_state_dict({k: torch.tensor(v) for k, v in weights.items()})
+    self.model.to(self.device)
+    self.compute_dtype = getattr(torch, model_config.dtype)
     self.optimizer = torch.optim.Adam(self.model.parameters(),
                                       lr=config.learning_rate)
     self.grad_clip_norm = config.grad_clip_norm
     self.loss_config = losses.LossConfig.from_config(config)
     batch = host_batch
     clean, defective = defective_pair(config, batch)
-    nchw = lambda x: torch.tensor(x.transpose(0, 3, 1, 2))
+    nchw = lambda x: torch.tensor(x.transpose(0, 3, 1, 2), device=self.device)
     self.clean, self.defective = nchw(clean), nchw(defective)
-    self.targets = {h.name: torch.from_numpy(batch[h.name]) for h in self.heads}
+    self.targets = {h.name: torch.tensor(batch[h.name], device=self.device)
+                    for h in self.heads}
     weight_map = losses.lung_weight_map(config.image_size, config.loss.lung_weight)
-    self.weight_map = torch.from_numpy(weight_map[None, None, ..., 0].copy())
+    self.weight_map = torch.tensor(weight_map[None, None, ..., 0],
+                                   device=self.device)
     window = losses.gaussian_window(self.loss_config.ssim_filter_size,
                                     self.loss_config.ssim_filter_sigma)
-    self.window = torch.from_numpy(window)
-    self.generator = torch.Generator().manual_seed(0)
+    self.window = torch.tensor(window, device=self.device)
+    self.generator = torch.Generator(device=self.device).manual_seed(0)
+
+  def _autocast(self):
+    """Computes the model in its dtype (parameters stay float32)."""
+    return self.torch.autocast(self.device.type, dtype=self.compute_dtype,
+                               enabled=self.compute_dtype != self.torch.float32)
+
+  def _model(self, images, **kwargs):
+    """The model's (reconstruction, outputs, latents), computed in the
+    model's dtype and returned in float32 (the losses' dtype)."""
+    with self._autocast():
+      reconstruction, outputs, latents = self.model(images, **kwargs)
+    as_float = lambda tensors: {name: t.float() for name, t in tensors.items()}
+    return reconstruction.float(), as_float(outputs), as_float(latents)
+
+  def _finish(self):
+    """Waits for the device's queued work (a timed call must include it)."""
+    if self.device.type == 'cuda':
+      self.torch.cuda.synchronize()
 
   def _filter(self, x):
     """The SSIM's separable Gaussian, 'valid' (as dm-pix computes it)."""
@@ -246,7 +286,7 @@ class TorchEntries:
   def eval_loss(self) -> float:
     """The total loss with z = mu (no sampling): to compare with JAX's."""
     with self.torch.no_grad():
-      reconstruction, outputs, latents = self.model(self.defective)
+      reconstruction, outputs, latents = self._model(self.defective)
       return float(self._loss(reconstruction, latents, outputs))
 
   def train_step(self, micro_batch_size: int | None = None):
@@ -257,22 +297,25 @@ class TorchEntries:
     micro_batch_size = micro_batch_size or size
     for start in range(0, size, micro_batch_size):
       examples = slice(start, start + micro_batch_size)
-      reconstruction, outputs, latents = self.model(
+      reconstruction, outputs, latents = self._model(
           self.defective[examples], train=True, generator=self.generator)
       self._loss(reconstruction, latents, outputs, examples).backward()
     if self.grad_clip_norm:
       self.torch.nn.utils.clip_grad_norm_(self.model.parameters(),
                                           self.grad_clip_norm)
     self.optimizer.step()
+    self._finish()
 
   def infer(self):
-    with self.torch.inference_mode():
+    with self.torch.inference_mode(), self._autocast():
       mu, _ = self.model.encode(self.defective)
       self.model.classify(mu)
+    self._finish()
 
   def reconstruct(self):
     with self.torch.inference_mode():
-      self.model(self.defective)
+      self._model(self.defective)
+    self._finish()
 
 
 def pipeline_images_per_sec(config, sources, heads, batch_size: int,
@@ -335,6 +378,8 @@ def run(config, *, vs_torch: bool, rounds: int, steps: int,
     entries['torch'] = TorchEntries(config, model_config,
                                     jax_entries.state.params,
                                     jax_entries.host_batch)
+    results['torch_device'] = str(entries['torch'].device)
+    results['torch_version'] = torch.__version__
   # (framework, kind) → the call that a round times, in the order timed.
   calls = {}
   for kind in ('train', 'infer', 'reconstruct'):
@@ -430,6 +475,8 @@ def format_table(results: dict) -> str:
     rows.append(('input pipeline', f"{results['pipeline_images_per_sec']:.1f} "
                  f"images/s = {results['pipeline_over_train']:.1f}× the train step"))
   if 'torch_train_images_per_sec' in results:
+    rows.append(('PyTorch port', f"eager on {results['torch_device']}, "
+                                 f"torch {results['torch_version']}"))
     for kind, label in (('train', 'train step'),
                         ('infer', 'inference (encode + classify)'),
                         ('reconstruct', 'inference (reconstruction)')):

@@ -88,6 +88,27 @@ def test_benchmark_reports_every_figure(phantom_data_dir):
       for kind in ('train', 'infer', 'reconstruct')} | {'torch/train_micro'}
   assert all(f >= 0 for f in results['page_faults_per_call'].values())
   assert 'minor page faults per call' in table
+  assert results['torch_device'] == 'cpu'  # where JAX runs (the CPU here)
+  assert 'PyTorch port' in table
+
+
+def test_torch_computes_a_bfloat16_model_in_bfloat16():
+  # As the JAX model does (parameters float32): its latent means then differ
+  # from float32's by bfloat16's rounding, and from JAX's by about as much.
+  config, model_config = tiny_setup(model__dtype='bfloat16')
+  params = models.init_params(model_config, seed=3)
+  batch = benchmark.synthetic_batch(config, model_config.heads, batch_size=4)
+  torch_entries = benchmark.TorchEntries(config, model_config, params, batch)
+  with torch_entries.torch.no_grad():
+    float32_mu = torch_entries.model(torch_entries.defective)[2]['mu'].numpy()
+    bfloat16_mu = torch_entries._model(  # pylint: disable=protected-access
+        torch_entries.defective)[2]['mu'].numpy()
+  _, defective = benchmark.defective_pair(config, batch)
+  jax_mu = jax.jit(lambda p, x: models.bind(model_config, p).encode(x)[0])(
+      params, defective)
+  relative = lambda a, b: np.linalg.norm(a - b) / np.linalg.norm(b)
+  assert 1e-4 < relative(bfloat16_mu, float32_mu) < 3e-2
+  assert relative(bfloat16_mu, np.asarray(jax_mu, np.float32)) < 3e-2
 
 
 def test_timing_counts_the_page_faults_of_fresh_memory():
