@@ -39,10 +39,11 @@ def flops(compiled) -> float:
   return float(analysis.get('flops', float('nan')))
 
 
-# FLOPs are counted in a program compiled for the CPU, whatever runs the model:
-# XLA's GPU cost analysis leaves out the convolutions it hands to cuDNN.
+# FLOPs are counted in a program compiled for this process's CPU, whatever
+# runs the model: XLA's GPU cost analysis leaves out the convolutions it hands
+# to cuDNN, and counting needs no other host.
 def _counting_mesh() -> jax.sharding.Mesh:
-  return jax.sharding.Mesh(jax.devices('cpu')[:1], (parallel.AXIS,))
+  return jax.sharding.Mesh(jax.local_devices(backend='cpu')[:1], (parallel.AXIS,))
 
 
 def _placed(tree, sharding):
