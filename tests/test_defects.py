@@ -112,6 +112,11 @@ def test_rotation_and_blur_equal_dm_pix():
         defects.rotate(image, degrees),
         dm_pix.rotate(image, np.deg2rad(degrees), mode='constant', cval=0.0),
         atol=1e-5)
+  two_channels = jax.random.uniform(jax.random.key(6), (32, 24, 2))
+  np.testing.assert_allclose(
+      defects.rotate(two_channels, 11.0),
+      dm_pix.rotate(two_channels, np.deg2rad(11.0), mode='constant', cval=0.0),
+      atol=1e-5)
   for sigma in (0.6, 1.4):
     np.testing.assert_allclose(defects.blur(image, sigma, 11),
                                dm_pix.gaussian_blur(image, sigma, 11), atol=1e-6)
