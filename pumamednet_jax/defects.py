@@ -9,9 +9,9 @@ Flip comes from dm-pix. Rotation and the Gaussian blur are dm-pix's
 functions in faster forms (tests check that the values agree): the rotation's
 bilinear interpolation as 4 plain gathers, the blur as two banded matrix
 products (dm-pix convolves depthwise, which XLA:CPU runs 12-17× slower once
-vmapped over per-example sigmas). dm-pix has no histogram equalization or autocontrast, so those
-two follow PIL's `ImageOps` (as torchvision's RandomEqualize /
-RandomAutocontrast do) in plain JAX.
+vmapped over per-example sigmas). dm-pix has no histogram equalization or
+autocontrast, so those two follow PIL's `ImageOps` (as torchvision's
+RandomEqualize / RandomAutocontrast do) in plain JAX.
 """
 
 import dataclasses

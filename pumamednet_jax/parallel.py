@@ -73,6 +73,13 @@ def data_parallel(step_fn: Callable, mesh: Mesh, *, out_specs: Any,
                  compiler_options=fast_conv.compiler_options())
 
 
+def placed(tree: Any, sharding: jax.sharding.Sharding) -> Any:
+  """Abstract arrays (shapes, dtypes) of `tree` placed on `sharding`: what to
+  lower a computation, or restore a checkpoint, for."""
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+
+
 def gather(tree: Any) -> Any:
   """Brings a (possibly multi-host) sharded or replicated pytree to NumPy."""
   if jax.process_count() == 1:

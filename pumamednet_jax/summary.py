@@ -46,12 +46,6 @@ def _counting_mesh() -> jax.sharding.Mesh:
   return jax.sharding.Mesh(jax.local_devices(backend='cpu')[:1], (parallel.AXIS,))
 
 
-def _placed(tree, sharding):
-  """Abstract arrays of `tree` placed on `sharding` (for lowering there)."""
-  return jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
-
-
 def nominal(model_config: models.ModelConfig) -> models.ModelConfig:
   """The model computed with lax convolutions: the FLOPs we report are the
   model's, not those of a faster formulation of it (`fast_conv`)."""
@@ -62,7 +56,7 @@ def forward_flops_per_image(model_config: models.ModelConfig,
                             batch_size: int) -> float:
   model_config = nominal(model_config)
   on_cpu = jax.sharding.NamedSharding(_counting_mesh(), parallel.REPLICATED)
-  params = _placed(models.abstract_params(model_config), on_cpu)
+  params = parallel.placed(models.abstract_params(model_config), on_cpu)
   size = model_config.image_size
   images = jax.ShapeDtypeStruct((batch_size, size, size, 1), jnp.float32,
                                 sharding=on_cpu)
@@ -80,11 +74,13 @@ def train_flops_per_image(config, model_config, batch_size: int) -> float:
   optimizer = train.create_optimizer(config)
   mesh = _counting_mesh()
   train_fn, _, _ = train.make_steps(config, model_config, mesh, optimizer)
-  state = _placed(jax.eval_shape(functools.partial(
-      train.create_train_state, model_config, optimizer, 0)),
-                  jax.sharding.NamedSharding(mesh, parallel.REPLICATED))
-  batch = _placed(abstract_batch(config, model_config.heads, batch_size),
-                  jax.sharding.NamedSharding(mesh, parallel.SHARDED))
+  state = parallel.placed(
+      jax.eval_shape(functools.partial(train.create_train_state, model_config,
+                                       optimizer, 0)),
+      jax.sharding.NamedSharding(mesh, parallel.REPLICATED))
+  batch = parallel.placed(
+      abstract_batch(config, model_config.heads, batch_size),
+      jax.sharding.NamedSharding(mesh, parallel.SHARDED))
   return flops(train_fn.lower(state, batch).compile()) / batch_size
 
 

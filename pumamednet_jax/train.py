@@ -364,9 +364,7 @@ def restore_or_init(manager, model_config, optimizer, seed: int, mesh):
   abstract = jax.eval_shape(
       lambda: create_train_state(model_config, optimizer, seed))
   replicated = jax.sharding.NamedSharding(mesh, parallel.REPLICATED)
-  abstract = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-      abstract)
+  abstract = parallel.placed(abstract, replicated)
   step = manager.latest_step()
   if step is None:
     init = jax.jit(lambda: create_train_state(model_config, optimizer, seed),
