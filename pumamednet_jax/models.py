@@ -299,19 +299,21 @@ def count_params_tree(params: dict) -> int:
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
 
 
-# Inference on the CPU runs the model over chunks of the batch of at most this
-# many pixels. XLA:CPU allocates a program's temporaries as one block, and
-# glibc maps a block over 32 MB afresh at every call: at 256 px and batch 32
-# the page faults of encode + classify's 88 MB cost more than a third of its
-# time. Chunks of 8 images at 256 px (30 MB) run 1.4× faster.
-CPU_INFERENCE_CHUNK_PIXELS = 8 * 256 * 256
-
-# The train step on the CPU computes its gradient over micro-batches of at most
-# this many pixels and images (`train.micro_batch_size`): smaller working sets
-# for the cache and the allocator (see above). Batch 32, images/s relative to
-# the chosen size: 64 px: 16 images 1, 8 0.93, 32 0.84; 128 px: 8 images 1,
-# 4 0.90, 16 0.94, 32 0.77; 256 px: 2 images 1, 1 0.90, 4 0.98.
-CPU_TRAIN_CHUNK_PIXELS = 2 * 256 * 256
+# On the CPU the model runs over pieces of the batch of at most this many
+# pixels: inference and the eval step in chunks (`in_chunks`), the train step
+# in micro-batches (`train.micro_batch_size`, also at most
+# CPU_TRAIN_CHUNK_IMAGES images). XLA:CPU allocates a program's temporaries as
+# one block per call; glibc maps a block over 32 MB afresh at every call, and
+# whether it recycles one a little smaller depends on the process's history;
+# a fresh block is page-faulted through at every call. Encode + classify at
+# 256 px, batch 32: in one piece (88 MB) 201 images/s, in chunks of 8 images
+# (30 MB) 279; chunks of 2, 4 and 8 run equally fast in a fresh process, but
+# in a benchmark process chunks of 8 paid 5,125 faults per call (the
+# reconstruction 10,374, in every run) and chunks of 2 none. Train step, batch
+# 32, images/s relative to the chosen size: 64 px: 16 images 1, 8 0.93, 32
+# 0.84; 128 px: 8 images 1, 4 0.90, 16 0.94, 32 0.77; 256 px: 2 images 1,
+# 1 0.90, 4 0.98.
+CPU_CHUNK_PIXELS = 2 * 256 * 256
 CPU_TRAIN_CHUNK_IMAGES = 16
 
 
@@ -321,7 +323,7 @@ def chunk_size(batch: int, limit: int) -> int:
 
 
 def in_chunks(fn, images: jax.Array, *,
-              max_pixels: int = CPU_INFERENCE_CHUNK_PIXELS):
+              max_pixels: int = CPU_CHUNK_PIXELS):
   """`fn(images)` for an `fn` with per-example outputs, computed over chunks
   of the batch in a loop (`lax.map`) on the CPU; in one piece elsewhere, and
   when the batch is small enough."""

@@ -140,7 +140,7 @@ def micro_batch_size(requested: int, local_size: int, image_size: int) -> int:
   """Examples per forward and backward pass of the train step:
   `config.micro_batch_size`, or if 0 the whole per-device batch, split on the
   CPU into micro-batches of at most `models.CPU_TRAIN_CHUNK_IMAGES` images
-  and `models.CPU_TRAIN_CHUNK_PIXELS` pixels."""
+  and `models.CPU_CHUNK_PIXELS` pixels."""
   if requested < 0:
     raise ValueError('config.micro_batch_size must be >= 0 (0 = automatic), '
                      f'got {requested}')
@@ -153,7 +153,7 @@ def micro_batch_size(requested: int, local_size: int, image_size: int) -> int:
     return local_size
   return models.chunk_size(local_size, min(
       models.CPU_TRAIN_CHUNK_IMAGES,
-      models.CPU_TRAIN_CHUNK_PIXELS // image_size**2))
+      models.CPU_CHUNK_PIXELS // image_size**2))
 
 
 def sum_over_micro_batches(fn, inputs, size: int):
