@@ -116,8 +116,8 @@ def test_downscaling_is_antialiased(tmp_path):
   assert np.abs(gray[4:-4, 4:-4].astype(int) - 128).max() <= 2
 
 
-def test_real_dicom_monochrome1_is_the_inverse_of_monochrome2(shared_data_dir):
-  folder = shared_data_dir / 'real_cxr'
+def test_real_dicom_monochrome1_is_the_inverse_of_monochrome2(real_data_dir):
+  folder = real_data_dir / 'real_cxr'
   monochrome2 = decode.load_grayscale(folder / _MONOCHROME2, 256)
   monochrome1 = decode.load_grayscale(folder / _MONOCHROME1, 256)
   assert monochrome2.shape == (256, 256) and monochrome2.dtype == np.uint8
@@ -239,8 +239,8 @@ def test_refuses_to_run_with_load_truncated_images(tmp_path, monkeypatch):
     decode.load_grayscale(tmp_path / 'a.png', 8)
 
 
-def test_prepare_files_in_worker_processes(tmp_path, shared_data_dir):
-  paths = [str(shared_data_dir / 'real_cxr' / '00000001_000.png')]
+def test_prepare_files_in_worker_processes(tmp_path, real_data_dir):
+  paths = [str(real_data_dir / 'real_cxr' / '00000001_000.png')]
   rng = np.random.default_rng(1)
   for index in range(6):
     path = tmp_path / f'{index}.png'
