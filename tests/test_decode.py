@@ -1,10 +1,12 @@
 """Tests of input_pipeline.decode on real files written to tmp_path."""
 
 import io
+import pathlib
 
 import numpy as np
 from PIL import Image
 from PIL import ImageFile
+from pydicom import data as pydicom_data
 from pydicom.dataset import Dataset
 from pydicom.dataset import FileMetaDataset
 from pydicom.sequence import Sequence
@@ -224,6 +226,41 @@ def test_missing_file_and_dicom_without_pixels(tmp_path):
   (tmp_path / 'text.dcm').write_text('Not a DICOM file.\n')
   with pytest.raises(decode.DecodeError, match='not a DICOM file'):
     decode.decode_image(tmp_path / 'text.dcm')
+
+
+def _pydicom_test_files() -> list[str]:
+  """The DICOM files of pydicom's own tests, installed with its wheel."""
+  # The wheel's folder itself: pydicom_data.get_testdata_files also tries to
+  # download pydicom-data's extra files, which needs the network.
+  folder = pathlib.Path(pydicom_data.__file__).parent / 'test_files'
+  return sorted(str(path) for path in folder.glob('*.dcm'))
+
+
+@pytest.mark.filterwarnings('ignore::UserWarning')  # pydicom on broken files.
+def test_every_pydicom_test_file_decodes_or_is_quarantined():
+  paths = _pydicom_test_files()
+  assert len(paths) >= 70, 'pydicom installed without its test files'
+  # As preparation runs them: no exception may escape for any file.
+  results = list(decode.prepare_files(paths, 16, num_workers=0))
+  assert [path for path, _, _ in results] == paths
+  outcomes = {}
+  for path, png, reason in results:
+    name = pathlib.Path(path).name
+    if png is None:
+      assert isinstance(reason, str) and reason, name
+      outcomes[name] = reason
+    else:
+      assert reason is None, name
+      assert np.asarray(Image.open(io.BytesIO(png))).shape == (16, 16), name
+      outcomes[name] = 'decoded'
+  assert list(outcomes.values()).count('decoded') >= 40
+  assert outcomes['CT_small.dcm'] == 'decoded'
+  assert outcomes['MR_small.dcm'] == 'decoded'
+  assert outcomes['badVR.dcm'].startswith('invalid DICOM element value')
+  assert outcomes['rtdose.dcm'].startswith('multi-frame DICOM (15 frames)')
+  assert outcomes['rtplan.dcm'] == 'DICOM without pixel data'
+  assert outcomes['MR_truncated.dcm'].startswith(
+      'cannot decode the DICOM pixel data')
 
 
 def test_blank_image_is_broken_not_black(tmp_path):
