@@ -5,6 +5,11 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 WORKDIR ?= workdir/demo
 CONFIG ?= configs/default.py
+# Index of PyTorch's CPU wheels: requirements.txt pins torch==X+cpu, which PyPI does
+# not have. Only the torch step uses it, so where it is unreachable (pip then warns
+# and retries for a few seconds) torch comes from pip's own configuration, e.g. a
+# local wheel folder (find-links). TORCH_INDEX= leaves it out.
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 # glibc: transparent huge pages for large blocks, so XLA's per-step temporaries cost
 # fewer page faults (README, Performance, memory pages).
 HUGEPAGES := GLIBC_TUNABLES=$${GLIBC_TUNABLES:+$$GLIBC_TUNABLES:}glibc.malloc.hugetlb=1
@@ -16,6 +21,8 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet --no-deps $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) \
+	  "$$(grep -E '^torch==' requirements.txt)"
 	$(PY) -m pip install --quiet -r requirements.txt
 	touch $@
 

@@ -40,8 +40,8 @@ keeps the aspect ratio and the whole field of view; nothing is cropped.
 
 Broken files raise `DecodeError(path, reason)`: missing, empty, not an image,
 truncated PNG / JPEG (Pillow's `LOAD_TRUNCATED_IMAGES` must stay False),
-failed PNG checksums, DICOM without pixel data or that pydicom cannot
-decompress, multi-frame files, blank images.
+failed PNG checksums, DICOM without pixel data, with invalid element values
+or that pydicom cannot decompress, multi-frame files, blank images.
 """
 
 from collections.abc import Iterable, Iterator, Sequence
@@ -63,6 +63,10 @@ IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.dcm',
                     '.dicom')
 _DICOM_EXTENSIONS = ('.dcm', '.dicom')
 _PIXEL_DATA_KEYWORDS = ('PixelData', 'FloatPixelData', 'DoubleFloatPixelData')
+# What using an invalid DICOM element value raises: a broken file. Other
+# exceptions (bugs of this module) still escape.
+_INVALID_DICOM_VALUE_ERRORS = (ValueError, TypeError, AttributeError, KeyError,
+                               IndexError, NotImplementedError)
 
 
 class DecodeError(Exception):
@@ -265,6 +269,18 @@ def _decode_dicom(path: str, data: bytes) -> tuple[np.ndarray, bool]:
     dataset = pydicom.dcmread(io.BytesIO(data), force=True)
   except Exception as error:  # pylint: disable=broad-except
     raise DecodeError(path, f'not a readable DICOM file ({error})') from None
+  try:
+    return _decode_dicom_dataset(path, data, dataset)
+  except _INVALID_DICOM_VALUE_ERRORS as error:
+    # pydicom parses element values when they are read, and only warns about
+    # invalid ones (e.g. Number of Frames '1A'); using them then fails.
+    raise DecodeError(path, f'invalid DICOM element value ('
+                      f'{type(error).__name__}: {error})') from None
+
+
+def _decode_dicom_dataset(path: str, data: bytes,
+                          dataset) -> tuple[np.ndarray, bool]:
+  """`_decode_dicom` once the file has been parsed."""
   if not any(keyword in dataset for keyword in _PIXEL_DATA_KEYWORDS):
     if data[128:132] != b'DICM':
       raise DecodeError(path, 'not a DICOM file (no DICM preamble, no pixel '

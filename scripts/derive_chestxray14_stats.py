@@ -10,8 +10,7 @@ small JSON the phantom samples from:
   of the age in years, after dropping the few impossible ages (> 100).
 
   .venv/bin/python -m scripts.derive_chestxray14_stats \
-      --chestxray14_csv \
-          /work/shared/data/chestxray14/Data_Entry_2017_v2020.csv.gz \
+      --chestxray14_csv tests/data/chestxray14/Data_Entry_2017_v2020.csv.gz \
       --stats_json input_pipeline/assets/chestxray14_stats.json
 """
 
@@ -27,9 +26,9 @@ import numpy as np
 from input_pipeline import labels as labels_lib
 
 _CHESTXRAY14_CSV = flags.DEFINE_string(
-    'chestxray14_csv',
-    '/work/shared/data/chestxray14/Data_Entry_2017_v2020.csv.gz',
-    'ChestX-ray14 Data_Entry CSV (gzip or plain).')
+    'chestxray14_csv', None,
+    'ChestX-ray14 Data_Entry CSV, gzip or plain (the official one: '
+    'tests/data/chestxray14/Data_Entry_2017_v2020.csv.gz).')
 _STATS_JSON = flags.DEFINE_string(
     'stats_json', 'input_pipeline/assets/chestxray14_stats.json',
     'Output JSON.')
@@ -104,4 +103,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  flags.mark_flags_as_required(['chestxray14_csv'])
   app.run(main)

@@ -8,7 +8,7 @@ the basis of the lung-weighted loss (the paper's Fig. 2a) and of the phantom's
 lung template.
 
   .venv/bin/python -m scripts.derive_lung_prior \
-      --masks_zip /work/shared/data/lung_masks/semantic_masks_v7labs_lungs.zip \
+      --masks_zip tests/data/lung_masks/semantic_masks_v7labs_lungs.zip \
       --prior_png pumamednet_jax/assets/lung_prior.png
 """
 
@@ -22,8 +22,9 @@ from PIL import Image
 from scipy import ndimage
 
 _MASKS_ZIP = flags.DEFINE_string(
-    'masks_zip', '/work/shared/data/lung_masks/semantic_masks_v7labs_lungs.zip',
-    'Zip of binary lung masks.')
+    'masks_zip', None,
+    'Zip of binary lung masks (the V7 Labs set: '
+    'tests/data/lung_masks/semantic_masks_v7labs_lungs.zip).')
 _PRIOR_PNG = flags.DEFINE_string(
     'prior_png', 'pumamednet_jax/assets/lung_prior.png', 'Output PNG.')
 _PRIOR_GRID = flags.DEFINE_integer(
@@ -72,4 +73,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  flags.mark_flags_as_required(['masks_zip'])
   app.run(main)

@@ -32,12 +32,9 @@ def phantom_data_dir(tmp_path_factory) -> pathlib.Path:
 
 
 @pytest.fixture(scope='session')
-def shared_data_dir() -> pathlib.Path:
-  """The real fixture data of ../shared/data (beside the repository)."""
-  path = pathlib.Path(__file__).resolve().parents[2] / 'shared' / 'data'
-  if not path.is_dir():
-    raise FileNotFoundError(f'shared fixture data not found at {path}')
-  return path
+def real_data_dir() -> pathlib.Path:
+  """The small real files of tests/data (sources in its README.md)."""
+  return pathlib.Path(__file__).resolve().parent / 'data'
 
 
 # --- A tiny ChestX-ray14 download (input_pipeline tests, end-to-end tests) ---
@@ -55,7 +52,7 @@ CHESTXRAY14_BROKEN = {
 
 
 @pytest.fixture(scope='session')
-def chestxray14_manual_dir(shared_data_dir, tmp_path_factory) -> pathlib.Path:
+def chestxray14_manual_dir(real_data_dir, tmp_path_factory) -> pathlib.Path:
   """A ChestX-ray14 download in the official layout, made of real rows.
 
   The first CHESTXRAY14_NUM_ROWS rows of the real CSV; the real
@@ -71,7 +68,7 @@ def chestxray14_manual_dir(shared_data_dir, tmp_path_factory) -> pathlib.Path:
   from PIL import Image  # pylint: disable=g-import-not-at-top
 
   root = tmp_path_factory.mktemp('chestxray14_manual')
-  source = shared_data_dir / 'chestxray14' / 'Data_Entry_2017_v2020.csv.gz'
+  source = real_data_dir / 'chestxray14' / 'Data_Entry_2017_v2020.csv.gz'
   with gzip.open(source, 'rt', newline='') as file:
     lines = file.read().splitlines()[:CHESTXRAY14_NUM_ROWS + 1]
   (root / 'Data_Entry_2017_v2020.csv').write_text('\n'.join(lines) + '\n')
@@ -85,7 +82,7 @@ def chestxray14_manual_dir(shared_data_dir, tmp_path_factory) -> pathlib.Path:
     name = row[0]
     path = folders[0 if index < 100 else 1 if index < 200 else 2] / name
     if name == '00000001_000.png':
-      shutil.copy(shared_data_dir / 'real_cxr' / name, path)
+      shutil.copy(real_data_dir / 'real_cxr' / name, path)
     elif CHESTXRAY14_BROKEN.get(name) == 'missing image':
       continue
     else:

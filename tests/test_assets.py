@@ -43,10 +43,10 @@ def test_lung_prior_rejects_bad_sizes(size):
 
 
 def test_committed_prior_is_what_the_script_derives_from_the_real_masks(
-    shared_data_dir):
+    real_data_dir):
   from scripts import derive_lung_prior   # pylint: disable=g-import-not-at-top
   derived, count = derive_lung_prior.lung_prior_map(
-      str(shared_data_dir / 'lung_masks' / 'semantic_masks_v7labs_lungs.zip'))
+      str(real_data_dir / 'lung_masks' / 'semantic_masks_v7labs_lungs.zip'))
   assert count == 517
   committed_path = (REPO_ROOT / 'pumamednet_jax' / 'assets' /
                     'lung_prior.png')

@@ -117,7 +117,7 @@ def test_labels_and_metadata_follow_the_csv(prepared, csv_rows):
       np.median(train_ages))
 
 
-def test_real_image_row_one(prepared, shared_data_dir):
+def test_real_image_row_one(prepared, real_data_dir):
   _, examples = prepared
   first = [ex for ex in examples['train'] + examples['validation']
            if ex['image_index'] == b'00000001_000.png']
@@ -129,7 +129,7 @@ def test_real_image_row_one(prepared, shared_data_dir):
   assert (labels.VIEWS[ex['view']], labels.SEXES[ex['sex']]) == ('PA', 'M')
   assert (ex['age'], ex['patient_id'], ex['follow_up']) == (57, 1, 0)
   expected = decode.load_grayscale(
-      shared_data_dir / 'real_cxr' / '00000001_000.png', _IMAGE_SIZE)
+      real_data_dir / 'real_cxr' / '00000001_000.png', _IMAGE_SIZE)
   np.testing.assert_array_equal(ex['image'][..., 0], expected)
 
 
@@ -169,9 +169,9 @@ def test_missing_metadata_files_are_named(chestxray14_manual_dir, tmp_path):
     _prepare(manual, tmp_path / 'data')
 
 
-def test_full_real_csv_known_counts(shared_data_dir):
+def test_full_real_csv_known_counts(real_data_dir):
   rows, invalid = chestxray14.read_data_entry(
-      shared_data_dir / 'chestxray14' / 'Data_Entry_2017_v2020.csv.gz')
+      real_data_dir / 'chestxray14' / 'Data_Entry_2017_v2020.csv.gz')
   assert not invalid and len(rows) == 112_120
   assert chestxray14.label_counts(rows) == {
       'No Finding': 60_361, 'Infiltration': 19_894, 'Effusion': 13_317,
@@ -183,10 +183,10 @@ def test_full_real_csv_known_counts(shared_data_dir):
   assert chestxray14.count_by(rows, 'view') == {'PA': 67_310, 'AP': 44_810}
 
 
-def test_2017_csv_format(tmp_path, shared_data_dir):
+def test_2017_csv_format(tmp_path, real_data_dir):
   # The 2017 file: a trailing comma (12 fields), impossible ages, and some
   # copies spell ages with units.
-  with gzip.open(shared_data_dir / 'chestxray14' /
+  with gzip.open(real_data_dir / 'chestxray14' /
                  'Data_Entry_2017_v2020.csv.gz', 'rt') as file:
     lines = file.read().splitlines()[:4]
   rows = [line.split(',') for line in lines]

@@ -1,10 +1,12 @@
 """Tests of input_pipeline.decode on real files written to tmp_path."""
 
 import io
+import pathlib
 
 import numpy as np
 from PIL import Image
 from PIL import ImageFile
+from pydicom import data as pydicom_data
 from pydicom.dataset import Dataset
 from pydicom.dataset import FileMetaDataset
 from pydicom.sequence import Sequence
@@ -116,8 +118,8 @@ def test_downscaling_is_antialiased(tmp_path):
   assert np.abs(gray[4:-4, 4:-4].astype(int) - 128).max() <= 2
 
 
-def test_real_dicom_monochrome1_is_the_inverse_of_monochrome2(shared_data_dir):
-  folder = shared_data_dir / 'real_cxr'
+def test_real_dicom_monochrome1_is_the_inverse_of_monochrome2(real_data_dir):
+  folder = real_data_dir / 'real_cxr'
   monochrome2 = decode.load_grayscale(folder / _MONOCHROME2, 256)
   monochrome1 = decode.load_grayscale(folder / _MONOCHROME1, 256)
   assert monochrome2.shape == (256, 256) and monochrome2.dtype == np.uint8
@@ -226,6 +228,41 @@ def test_missing_file_and_dicom_without_pixels(tmp_path):
     decode.decode_image(tmp_path / 'text.dcm')
 
 
+def _pydicom_test_files() -> list[str]:
+  """The DICOM files of pydicom's own tests, installed with its wheel."""
+  # The wheel's folder itself: pydicom_data.get_testdata_files also tries to
+  # download pydicom-data's extra files, which needs the network.
+  folder = pathlib.Path(pydicom_data.__file__).parent / 'test_files'
+  return sorted(str(path) for path in folder.glob('*.dcm'))
+
+
+@pytest.mark.filterwarnings('ignore::UserWarning')  # pydicom on broken files.
+def test_every_pydicom_test_file_decodes_or_is_quarantined():
+  paths = _pydicom_test_files()
+  assert len(paths) >= 70, 'pydicom installed without its test files'
+  # As preparation runs them: no exception may escape for any file.
+  results = list(decode.prepare_files(paths, 16, num_workers=0))
+  assert [path for path, _, _ in results] == paths
+  outcomes = {}
+  for path, png, reason in results:
+    name = pathlib.Path(path).name
+    if png is None:
+      assert isinstance(reason, str) and reason, name
+      outcomes[name] = reason
+    else:
+      assert reason is None, name
+      assert np.asarray(Image.open(io.BytesIO(png))).shape == (16, 16), name
+      outcomes[name] = 'decoded'
+  assert list(outcomes.values()).count('decoded') >= 40
+  assert outcomes['CT_small.dcm'] == 'decoded'
+  assert outcomes['MR_small.dcm'] == 'decoded'
+  assert outcomes['badVR.dcm'].startswith('invalid DICOM element value')
+  assert outcomes['rtdose.dcm'].startswith('multi-frame DICOM (15 frames)')
+  assert outcomes['rtplan.dcm'] == 'DICOM without pixel data'
+  assert outcomes['MR_truncated.dcm'].startswith(
+      'cannot decode the DICOM pixel data')
+
+
 def test_blank_image_is_broken_not_black(tmp_path):
   Image.fromarray(np.zeros((16, 16), np.uint8)).save(tmp_path / 'black.png')
   with pytest.raises(decode.DecodeError, match='blank image'):
@@ -239,8 +276,8 @@ def test_refuses_to_run_with_load_truncated_images(tmp_path, monkeypatch):
     decode.load_grayscale(tmp_path / 'a.png', 8)
 
 
-def test_prepare_files_in_worker_processes(tmp_path, shared_data_dir):
-  paths = [str(shared_data_dir / 'real_cxr' / '00000001_000.png')]
+def test_prepare_files_in_worker_processes(tmp_path, real_data_dir):
+  paths = [str(real_data_dir / 'real_cxr' / '00000001_000.png')]
   rng = np.random.default_rng(1)
   for index in range(6):
     path = tmp_path / f'{index}.png'

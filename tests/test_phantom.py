@@ -450,10 +450,10 @@ def test_preview_rejects_an_unwritable_directory(tmp_path):
 # --- Committed statistics ------------------------------------------------------------
 
 
-def test_committed_stats_are_what_the_script_derives(shared_data_dir):
+def test_committed_stats_are_what_the_script_derives(real_data_dir):
   from scripts import derive_chestxray14_stats   # pylint: disable=g-import-not-at-top
   derived = derive_chestxray14_stats.chestxray14_stats(
-      str(shared_data_dir / 'chestxray14' / 'Data_Entry_2017_v2020.csv.gz'))
+      str(real_data_dir / 'chestxray14' / 'Data_Entry_2017_v2020.csv.gz'))
   with open(REPO_ROOT / 'input_pipeline' / 'assets' /
             'chestxray14_stats.json') as f:
     committed = json.load(f)

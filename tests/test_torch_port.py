@@ -132,13 +132,13 @@ def _max_differences(expected, actual):
 
 
 @pytest.mark.parametrize('image_size', [64, 256], ids=['default', 'paper'])
-def test_jax_and_torch_agree(image_size, tmp_path, shared_data_dir):
+def test_jax_and_torch_agree(image_size, tmp_path, real_data_dir):
   model_config = _model_config(image_size)
   params = _random_params(model_config)
   if image_size == 256:
     assert models.count_params_tree(params) == 1_405_916  # the paper's model
   images = _fixed_inputs(image_size,
-                          shared_data_dir / 'real_cxr' / '00000001_000.png')
+                          real_data_dir / 'real_cxr' / '00000001_000.png')
   expected = jax.tree.map(np.asarray,
                           _jax_outputs(model_config, params, images))
   # Not a trivial agreement: the reconstructions and latents vary.
