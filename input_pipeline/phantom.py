@@ -8,7 +8,7 @@ without downloading real data.
 
 An image is the display of a projected attenuation map: soft tissue of the body
 outline, minus the air of two lungs whose shape follows the population lung map
-of 517 real masks (`pumamednet_jax.assets.lung_prior`), plus heart, mediastinum,
+of 517 real masks (`input_pipeline.assets.lung_prior`), plus heart, mediastinum,
 spine, ribs, clavicles, scapulae, diaphragm domes, and the signatures of the 14
 ChestX-ray14 findings (or, in the 'covid3' variant, COVID-19 ground glass and
 lobar bacterial pneumonia). Patient factors (sex, age, view AP/PA) change the
@@ -35,8 +35,6 @@ import argparse
 import copy
 import csv
 import functools
-import importlib.resources
-import json
 import os
 import sys
 from typing import Any, Sequence
@@ -45,8 +43,8 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from input_pipeline import assets
 from input_pipeline import labels as labels_lib
-from pumamednet_jax import assets
 
 VARIANTS = ('chestxray14', 'covid3')
 SPLITS = ('train', 'validation', 'test')
@@ -115,20 +113,10 @@ _FINE_FACTOR = 4             # template refinement for nearest lookups
 # ---------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=1)
-def chestxray14_stats() -> dict[str, Any]:
-  """Label and patient statistics of ChestX-ray14 (committed, derived by
-  scripts/derive_chestxray14_stats.py)."""
-  resource = importlib.resources.files('input_pipeline').joinpath(
-      'assets', 'chestxray14_stats.json')
-  with resource.open('r') as stats_file:
-    return json.load(stats_file)
-
-
 @functools.lru_cache(maxsize=8)
 def _label_distribution(prevalence_floor: float):
   """Label-set probabilities and the per-finding top-up to reach the floor."""
-  stats = chestxray14_stats()
+  stats = assets.chestxray14_stats()
   label_sets = [tuple(combo.split('|')) if combo else ()
                 for combo, _ in stats['label_sets']]
   counts = np.asarray([count for _, count in stats['label_sets']], np.float64)
@@ -291,7 +279,7 @@ def sample_factors(
         f'confounder_strength must be in [0, 1], got {confounder_strength}')
   if not isinstance(rng, np.random.Generator):
     rng = np.random.default_rng(rng)
-  stats = chestxray14_stats()
+  stats = assets.chestxray14_stats()
   # A fixed number of draws in a fixed order: each factor keeps its value
   # whatever the others are.
   uniform = rng.random(12)

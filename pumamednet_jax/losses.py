@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from pumamednet_jax import assets
+from input_pipeline import assets
 from pumamednet_jax import heads as heads_lib
 
 

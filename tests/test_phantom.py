@@ -16,10 +16,10 @@ from sklearn import pipeline
 from sklearn import preprocessing
 import tensorflow_datasets as tfds
 
+from input_pipeline import assets
 from input_pipeline import cxr_phantom
 from input_pipeline import labels as labels_lib
 from input_pipeline import phantom
-from pumamednet_jax import assets
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 FINDINGS = labels_lib.FINDINGS
@@ -537,4 +537,5 @@ def test_committed_stats_are_what_the_script_derives(shared_data_dir):
             'chestxray14_stats.json') as f:
     committed = json.load(f)
   assert derived == committed
+  assert assets.chestxray14_stats() == committed
   assert committed['prevalence']['Hernia'] < 0.005
