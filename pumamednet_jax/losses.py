@@ -15,7 +15,7 @@ import numpy as np
 import optax
 
 from input_pipeline import assets
-from pumamednet_jax import heads as heads_lib
+from input_pipeline import heads as heads_lib
 
 
 @dataclasses.dataclass(frozen=True)

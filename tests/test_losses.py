@@ -7,7 +7,7 @@ import pytest
 
 from configs import default
 from input_pipeline import assets
-from pumamednet_jax import heads as heads_lib
+from input_pipeline import heads as heads_lib
 from pumamednet_jax import losses
 
 
