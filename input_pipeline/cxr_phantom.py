@@ -165,7 +165,7 @@ class CxrPhantom(tfds.core.GeneratorBasedBuilder):
       features[name] = tfds.features.Scalar(dtype=np.int64)
     return self.dataset_info_from_configs(
         description=(
-            'Procedural phantom frontal chest X-rays (input_pipeline/phantom.py)'
+            'Procedural phantom frontal chest X-rays (input_pipeline/phantom)'
             ': anatomy with a lung shape from 517 real masks, patient factors '
             '(sex, age, AP/PA view) visible in the image, the 14 ChestX-ray14 '
             'findings (or the 3 covid3 classes) with anatomically placed '
