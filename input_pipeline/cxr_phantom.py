@@ -70,14 +70,8 @@ def _validate(*, image_size, variant, num_train, num_validation, num_test,
               seed, confounder_strength, prevalence_floor) -> None:
   def is_int(value):
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-  if not is_int(image_size) or not (
-      phantom.MIN_IMAGE_SIZE <= image_size <= phantom.MAX_IMAGE_SIZE):
-    raise ValueError(
-        f'image_size must be an int in [{phantom.MIN_IMAGE_SIZE}, '
-        f'{phantom.MAX_IMAGE_SIZE}], got {image_size!r}')
-  if variant not in phantom.VARIANTS:
-    raise ValueError(
-        f'variant must be one of {phantom.VARIANTS}, got {variant!r}')
+  phantom.check_image_size(image_size)
+  phantom.check_variant(variant)
   for name, value in (('num_train', num_train),
                       ('num_validation', num_validation),
                       ('num_test', num_test)):

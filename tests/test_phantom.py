@@ -324,6 +324,66 @@ def test_confounder_strength_ties_the_support_device_to_its_target():
   assert with_target == 1.0 and without == 0.0
 
 
+def test_factor_kinds_partition_the_scalar_factors():
+  kinds = (phantom.BINARY_FACTORS + phantom.CONTINUOUS_FACTORS
+           + ('texture_seed',))
+  assert sorted(kinds) == sorted(phantom.SCALAR_FACTORS)
+  factors = [phantom.example_factors(0, 'train', i) for i in range(200)]
+  for name in phantom.BINARY_FACTORS:
+    assert {f[name] for f in factors} == {0, 1}, name
+  for name in phantom.CONTINUOUS_FACTORS:
+    assert len({f[name] for f in factors}) > 150, name
+
+
+@pytest.mark.parametrize('name, value', [
+    ('view', 1), ('sex', 0), ('support_device', 1), ('age', 71.5),
+    ('exposure', -0.5), ('rotation_degrees', 3.0)])
+def test_sample_factors_with_holds_one_factor_and_draws_the_rest(name, value):
+  patients = phantom.sample_factors_with(3, 40, **{name: value})
+  rng = np.random.default_rng(3)
+  free = [phantom.sample_factors(rng) for _ in range(40)]
+  assert len(patients) == 40
+  assert all(p[name] == value for p in patients)
+  assert len({f[name] for f in free}) > 1
+  for patient, drawn in zip(patients, free):
+    for key in phantom.SCALAR_FACTORS:
+      if key != name:
+        assert patient[key] == drawn[key], key
+    np.testing.assert_array_equal(patient['sign_severity'],
+                                  drawn['sign_severity'])
+    np.testing.assert_array_equal(patient['labels'], drawn['labels'])
+
+
+def test_sample_factors_with_a_finding_sets_its_severity_and_labels():
+  patients = phantom.sample_factors_with(
+      np.random.default_rng(5), 16, Cardiomegaly=0.8, view=0)
+  index = FINDINGS.index('Cardiomegaly')
+  assert all(p['sign_severity'][index] == np.float32(0.8) for p in patients)
+  assert all(p['labels'][index] == 1 and p['labels'][-1] == 0
+             for p in patients)
+  ratios = [phantom.derived_factors(p)['cardiothoracic_ratio']
+            for p in patients]
+  assert min(ratios) > 0.5
+  absent = phantom.sample_factors_with(5, 16, Cardiomegaly=0.0)
+  assert all(p['sign_severity'][index] == 0 and p['labels'][index] == 0
+             for p in absent)
+  images, masks = phantom.render_batch(patients, 32)
+  assert images.shape == masks.shape == (16, 32, 32)
+
+
+@pytest.mark.parametrize('kwargs, message', [
+    (dict(colour=1), 'Unknown factors'),
+    (dict(sex=2), 'sex must be 0 or 1'),
+    (dict(variant='covid3', Nodule=0.7), "'chestxray14' only"),
+    (dict(variant='chexpert'), 'variant'),
+    (dict(count=0), 'count'),
+])
+def test_sample_factors_with_rejects_bad_arguments(kwargs, message):
+  kwargs = {'count': 4, **kwargs}
+  with pytest.raises(ValueError, match=message):
+    phantom.sample_factors_with(0, **kwargs)
+
+
 def test_covid3_variant_classes_and_signatures():
   factors = [phantom.example_factors(0, 'train', i, 'covid3')
              for i in range(300)]

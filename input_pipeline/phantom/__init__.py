@@ -25,6 +25,7 @@ Use it without TFDS:
   factors = phantom.sample_factors(np.random.default_rng(0))
   image, lung_mask, all_factors = phantom.render_factors(factors, 256)
   same_patient_ap = phantom.with_factors(factors, view=1)
+  all_ap = phantom.sample_factors_with(0, 64, view=1)   # the rest varies
 
 Preview: python -m input_pipeline.phantom --out DIR --num N --size S [--seed K]
 
@@ -40,7 +41,10 @@ from input_pipeline.assets import chestxray14_stats
 from input_pipeline.phantom.anatomy import bone_density
 from input_pipeline.phantom.anatomy import derived_factors
 from input_pipeline.phantom.cli import contact_sheet
+from input_pipeline.phantom.factors import check_variant
+from input_pipeline.phantom.factors import BINARY_FACTORS
 from input_pipeline.phantom.factors import CONFOUNDER_TARGETS
+from input_pipeline.phantom.factors import CONTINUOUS_FACTORS
 from input_pipeline.phantom.factors import DEFAULT_MIN_SEVERITY
 from input_pipeline.phantom.factors import DEFAULT_PREVALENCE_FLOOR
 from input_pipeline.phantom.factors import DERIVED_FACTORS
@@ -50,6 +54,7 @@ from input_pipeline.phantom.factors import factor_row
 from input_pipeline.phantom.factors import GROUND_GLASS
 from input_pipeline.phantom.factors import labels_from_severity
 from input_pipeline.phantom.factors import sample_factors
+from input_pipeline.phantom.factors import sample_factors_with
 from input_pipeline.phantom.factors import SCALAR_FACTORS
 from input_pipeline.phantom.factors import SIDE_BOTH
 from input_pipeline.phantom.factors import SIDE_LEFT

@@ -60,6 +60,12 @@ SCALAR_FACTORS = (
     'sex', 'age', 'view', 'body_size', 'inspiration', 'heart_size',
     'breast_size', 'exposure', 'rotation_degrees', 'shift_x', 'shift_y',
     'noise_level', 'support_device', 'texture_seed')
+# The generating scalar factors by kind (texture_seed, the per-image noise
+# and lesion placement, is neither).
+BINARY_FACTORS = ('sex', 'view', 'support_device')
+CONTINUOUS_FACTORS = ('age', 'body_size', 'inspiration', 'heart_size',
+                      'breast_size', 'exposure', 'rotation_degrees', 'shift_x',
+                      'shift_y', 'noise_level')
 # Factors computed from the others when an image is rendered.
 DERIVED_FACTORS = ('thorax_width', 'heart_width', 'cardiothoracic_ratio',
                    'bone_density')
@@ -96,7 +102,8 @@ def example_rng(seed: int, split: str, index: int) -> np.random.Generator:
   return np.random.default_rng([int(seed), split_id(split), int(index)])
 
 
-def _check_variant(variant: str) -> None:
+def check_variant(variant: str) -> None:
+  """Raises ValueError unless `variant` is one of VARIANTS."""
   if variant not in VARIANTS:
     raise ValueError(f'variant must be one of {VARIANTS}, got {variant!r}')
 
@@ -134,7 +141,7 @@ def sample_factors(
     'sign_side' (len(SIGNS),) uint8, 'variant', and 'labels' (15 multi-hot
     uint8, chestxray14) or 'label' (int index into COVID3_CLASSES, covid3).
   """
-  _check_variant(variant)
+  check_variant(variant)
   if not 0.0 <= prevalence_floor <= 0.5:
     raise ValueError(
         f'prevalence_floor must be in [0, 0.5], got {prevalence_floor}')
@@ -255,6 +262,77 @@ def with_finding(factors: dict[str, Any], name: str, severity: float,
   sign_side[SIGN_INDEX[name]] = side if severity > 0 else SIDE_NONE
   return with_factors(factors, sign_severity=sign_severity,
                       sign_side=sign_side)
+
+
+def sample_factors_with(
+    rng: np.random.Generator | int,
+    count: int,
+    variant: str = 'chestxray14',
+    *,
+    prevalence_floor: float = DEFAULT_PREVALENCE_FLOOR,
+    min_severity: float = DEFAULT_MIN_SEVERITY,
+    confounder_strength: float = 0.0,
+    **fixed: Any,
+) -> list[dict[str, Any]]:
+  """Draws `count` patients that share the factor values `fixed`.
+
+  Every other factor varies as in the data set, drawn exactly as by
+  sample_factors from the same generator (fixing one changes no other): the
+  samples of a disentanglement score that holds one factor at a value, e.g.
+  sample_factors_with(rng, 64, view=1). Render them with render_batch.
+
+  Factors that can be fixed:
+    binary (BINARY_FACTORS), 0 or 1: sex (1 = female), view (1 = AP),
+      support_device (1 = ECG leads and a central line).
+    continuous (CONTINUOUS_FACTORS), with the ranges they are drawn in:
+      age (years, the ChestX-ray14 distribution), body_size [0.9, 1.1],
+      inspiration [-1, 1], heart_size [0.36, 0.44] (cardiothoracic ratio
+      before findings), breast_size [0.6, 1], exposure [-1, 1],
+      rotation_degrees [-4, 4], shift_x [-0.025, 0.025], shift_y
+      [-0.02, 0.02], noise_level [0.008, 0.022].
+    a finding ('chestxray14' only): a name of SIGNS, valued its severity in
+      [0, 1] (0 = absent; drawn in [min_severity, 1] when present), on its
+      most common side; the labels follow (the support device keeps its
+      draw: it does not follow a fixed confounder target).
+    texture_seed (an int: quantum noise, lung texture, lesion placement).
+
+  Args:
+    rng: generator, or an int seed.
+    count: number of patients, >= 1.
+    variant, prevalence_floor, min_severity, confounder_strength: as in
+      sample_factors.
+    **fixed: factor name -> value held by every patient.
+
+  Returns:
+    A list of `count` factors dicts.
+  """
+  check_variant(variant)
+  if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+    raise ValueError(f'count must be a positive int, got {count!r}')
+  unknown = set(fixed) - set(SCALAR_FACTORS) - set(SIGNS)
+  if unknown:
+    raise ValueError(f'Unknown factors {sorted(unknown)}; fixable: '
+                     f'{SCALAR_FACTORS + SIGNS}')
+  for name in BINARY_FACTORS:
+    if name in fixed and fixed[name] not in (0, 1):
+      raise ValueError(f'{name} must be 0 or 1, got {fixed[name]!r}')
+  findings = {name: fixed.pop(name) for name in list(fixed)
+              if name in SIGN_INDEX}
+  if findings and variant != 'chestxray14':
+    raise ValueError(f'Findings {sorted(findings)} can be fixed in '
+                     f"'chestxray14' only; {variant!r} draws its class")
+  if not isinstance(rng, np.random.Generator):
+    rng = np.random.default_rng(rng)
+  patients = []
+  for _ in range(count):
+    factors = sample_factors(
+        rng, variant, prevalence_floor=prevalence_floor,
+        min_severity=min_severity, confounder_strength=confounder_strength,
+        **fixed)
+    for name, severity in findings.items():
+      factors = with_finding(factors, name, severity)
+    patients.append(factors)
+  return patients
 
 
 def example_factors(seed: int, split: str, index: int,
