@@ -70,14 +70,8 @@ def _validate(*, image_size, variant, num_train, num_validation, num_test,
               seed, confounder_strength, prevalence_floor) -> None:
   def is_int(value):
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-  if not is_int(image_size) or not (
-      phantom.MIN_IMAGE_SIZE <= image_size <= phantom.MAX_IMAGE_SIZE):
-    raise ValueError(
-        f'image_size must be an int in [{phantom.MIN_IMAGE_SIZE}, '
-        f'{phantom.MAX_IMAGE_SIZE}], got {image_size!r}')
-  if variant not in phantom.VARIANTS:
-    raise ValueError(
-        f'variant must be one of {phantom.VARIANTS}, got {variant!r}')
+  phantom.check_image_size(image_size)
+  phantom.check_variant(variant)
   for name, value in (('num_train', num_train),
                       ('num_validation', num_validation),
                       ('num_test', num_test)):
@@ -165,7 +159,7 @@ class CxrPhantom(tfds.core.GeneratorBasedBuilder):
       features[name] = tfds.features.Scalar(dtype=np.int64)
     return self.dataset_info_from_configs(
         description=(
-            'Procedural phantom frontal chest X-rays (input_pipeline/phantom.py)'
+            'Procedural phantom frontal chest X-rays (input_pipeline/phantom)'
             ': anatomy with a lung shape from 517 real masks, patient factors '
             '(sex, age, AP/PA view) visible in the image, the 14 ChestX-ray14 '
             'findings (or the 3 covid3 classes) with anatomically placed '

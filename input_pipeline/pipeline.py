@@ -22,8 +22,8 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from input_pipeline import heads as heads_lib
 from input_pipeline import labels as labels_lib
-from pumamednet_jax import heads as heads_lib
 
 # Features that can become heads, in head order.
 HEAD_FEATURES = ('labels', 'view', 'sex', 'age', 'label')

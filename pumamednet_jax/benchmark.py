@@ -40,10 +40,10 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from input_pipeline import heads as heads_lib
 from input_pipeline import pipeline
 from pumamednet_jax import defects as defects_lib
 from pumamednet_jax import fast_conv
-from pumamednet_jax import heads as heads_lib
 from pumamednet_jax import losses
 from pumamednet_jax import models
 from pumamednet_jax import parallel

@@ -14,8 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from pumamednet_jax import assets
-from pumamednet_jax import heads as heads_lib
+from input_pipeline import assets
+from input_pipeline import heads as heads_lib
 
 
 @dataclasses.dataclass(frozen=True)

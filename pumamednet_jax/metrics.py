@@ -6,7 +6,7 @@ import numpy as np
 from clu import metrics
 from sklearn import metrics as sk_metrics
 
-from pumamednet_jax import heads as heads_lib
+from input_pipeline import heads as heads_lib
 
 NO_FINDING = 'No Finding'
 

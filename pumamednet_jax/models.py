@@ -23,8 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from input_pipeline import heads as heads_lib
 from pumamednet_jax import fast_conv
-from pumamednet_jax import heads as heads_lib
 
 NUM_STRIDED_LAYERS = 6  # six stride-2 layers: the bottleneck is image_size / 64
 KERNEL_SIZE = 4

@@ -39,7 +39,7 @@ KINDS = (MULTILABEL, BINARY, MULTICLASS, REGRESSION)
 
 @dataclasses.dataclass(frozen=True)
 class HeadSpec:
-  """One classifier output (as `pumamednet_jax.heads.HeadSpec`)."""
+  """One classifier output (as `input_pipeline.heads.HeadSpec`)."""
 
   name: str
   kind: str

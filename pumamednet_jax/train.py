@@ -17,10 +17,10 @@ from clu import metric_writers
 from clu import periodic_actions
 from PIL import Image
 
+from input_pipeline import heads as heads_lib
 from input_pipeline import pipeline
 from pumamednet_jax import checkpoints
 from pumamednet_jax import defects as defects_lib
-from pumamednet_jax import heads as heads_lib
 from pumamednet_jax import losses
 from pumamednet_jax import metrics as metrics_lib
 from pumamednet_jax import models

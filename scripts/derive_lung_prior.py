@@ -9,7 +9,7 @@ lung template.
 
   .venv/bin/python -m scripts.derive_lung_prior \
       --masks_zip tests/data/lung_masks/semantic_masks_v7labs_lungs.zip \
-      --prior_png pumamednet_jax/assets/lung_prior.png
+      --prior_png input_pipeline/assets/lung_prior.png
 """
 
 import io
@@ -26,7 +26,7 @@ _MASKS_ZIP = flags.DEFINE_string(
     'Zip of binary lung masks (the V7 Labs set: '
     'tests/data/lung_masks/semantic_masks_v7labs_lungs.zip).')
 _PRIOR_PNG = flags.DEFINE_string(
-    'prior_png', 'pumamednet_jax/assets/lung_prior.png', 'Output PNG.')
+    'prior_png', 'input_pipeline/assets/lung_prior.png', 'Output PNG.')
 _PRIOR_GRID = flags.DEFINE_integer(
     'prior_grid', 128, 'Side of the square output map.')
 _PRIOR_SMOOTH_SIGMA = flags.DEFINE_float(

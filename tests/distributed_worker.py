@@ -19,9 +19,9 @@ import numpy as np  # pylint: disable=g-import-not-at-top,g-bad-import-order
 
 from configs import default  # pylint: disable=g-import-not-at-top
 from e2e_support import shrink  # pylint: disable=g-import-not-at-top
+from input_pipeline import heads as heads_lib  # pylint: disable=g-import-not-at-top
 from input_pipeline import labels  # pylint: disable=g-import-not-at-top
 from input_pipeline import phantom  # pylint: disable=g-import-not-at-top
-from pumamednet_jax import heads as heads_lib  # pylint: disable=g-import-not-at-top
 from pumamednet_jax import models, parallel, train  # pylint: disable=g-import-not-at-top
 
 GLOBAL_BATCH = 16

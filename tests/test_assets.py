@@ -1,4 +1,4 @@
-"""Tests of the committed assets (pumamednet_jax.assets)."""
+"""Tests of the committed assets (input_pipeline.assets)."""
 
 import pathlib
 
@@ -6,7 +6,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from pumamednet_jax import assets
+from input_pipeline import assets
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -48,8 +48,7 @@ def test_committed_prior_is_what_the_script_derives_from_the_real_masks(
   derived, count = derive_lung_prior.lung_prior_map(
       str(real_data_dir / 'lung_masks' / 'semantic_masks_v7labs_lungs.zip'))
   assert count == 517
-  committed_path = (REPO_ROOT / 'pumamednet_jax' / 'assets' /
-                    'lung_prior.png')
+  committed_path = REPO_ROOT / 'input_pipeline' / 'assets' / 'lung_prior.png'
   with Image.open(committed_path) as committed:
     assert committed.mode == 'L' and committed.size == (128, 128)
     np.testing.assert_array_equal(derived, np.asarray(committed))

@@ -9,8 +9,8 @@ import pytest
 from flax import nnx
 
 from configs import default
+from input_pipeline import heads as heads_lib
 from pumamednet_jax import fast_conv
-from pumamednet_jax import heads as heads_lib
 from pumamednet_jax import models
 from pumamednet_jax import parallel
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from configs import default
-from pumamednet_jax import assets
-from pumamednet_jax import heads as heads_lib
+from input_pipeline import assets
+from input_pipeline import heads as heads_lib
 from pumamednet_jax import losses
 
 

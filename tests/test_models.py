@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from configs import default
+from input_pipeline import heads as heads_lib
 from input_pipeline import labels
-from pumamednet_jax import heads as heads_lib
 from pumamednet_jax import models
 
 CXR_HEADS = (

@@ -1,6 +1,7 @@
 """Tests of the phantom renderer, its TFDS builder and its preview command."""
 
 import csv
+import hashlib
 import json
 import os
 import pathlib
@@ -15,10 +16,10 @@ from sklearn import pipeline
 from sklearn import preprocessing
 import tensorflow_datasets as tfds
 
+from input_pipeline import assets
 from input_pipeline import cxr_phantom
 from input_pipeline import labels as labels_lib
 from input_pipeline import phantom
-from pumamednet_jax import assets
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 FINDINGS = labels_lib.FINDINGS
@@ -67,6 +68,84 @@ def test_same_seed_same_bytes_in_any_order_and_other_seed_differs():
     assert all(np.abs(a.astype(int) - b).mean() > 2
                for a, b in zip(images, other))
   assert factors[0]['age'] != phantom.example_factors(1, 'train', 0)['age']
+
+
+# sha256 of the bytes the renderer gives for fixed seeds (images, lung masks,
+# factors.csv rows, structure maps quantised to 8 bits): any change to the
+# pixels or factors fails here. A deliberate change to the renderer updates
+# these constants (print them with _golden_digests()).
+_GOLDEN_EXAMPLES = {
+    # (variant, image size, number of examples, confounder strength)
+    ('chestxray14', 32, 16, 0.0):
+        '96e6c7b34551655d902fb559050ee1b8db250a7688b2e0e44a82bffbcfc8b225',
+    ('chestxray14', 64, 24, 0.5):
+        '2199ddff8db5ca3d890ed1cdfaa7e83df987d8bf0f06f543c99f9ecaeea85353',
+    ('chestxray14', 128, 8, 0.0):
+        '4ed2f27042727c252cd1aef233645837499f2708ae7671f1931a1409d8271ca5',
+    ('chestxray14', 256, 3, 0.8):
+        '159c4c23a9b008061e35df67349d9f0a91baa46e7ee424532990b8da6c4a871b',
+    ('covid3', 64, 16, 0.8):
+        'd3d35f760434784bd7ef6d0afddb7a083a5c48d11c1848d3bd2b9902278d8236',
+    ('covid3', 128, 6, 0.0):
+        'e3e11e3ed946672a2e0eba08d6d1755ad565fe95075cb0a546f9356ae91554a0',
+}
+_GOLDEN_SIGNS = {
+    64: 'd87a62fd63346fae0b53af6caa09853a3e8ee39ad246335ba99cdf7ae868fa27',
+    128: '0a61bd7f21bee7c49c2f2bb7a8ae61918c7c8b78ee46cf528b2e1e9de0cbddb3',
+}
+
+
+def _sha256(*parts):
+  digest = hashlib.sha256()
+  for part in parts:
+    digest.update(part if isinstance(part, bytes) else np.ascontiguousarray(
+        part).tobytes())
+  return digest.hexdigest()
+
+
+def _rows_bytes(factors_list):
+  rows = [phantom.factor_row(f, str(i)) for i, f in enumerate(factors_list)]
+  return json.dumps(rows, sort_keys=True).encode()
+
+
+def _golden_examples(variant, size, count, confounder_strength):
+  images, masks, factors = phantom.render_examples(
+      11, 'train', range(count), size, variant,
+      confounder_strength=confounder_strength)
+  return _sha256(images, masks, _rows_bytes(factors))
+
+
+def _golden_signs(size):
+  """Every signature on its own patient, each side in turn, plus the device."""
+  sides = (phantom.SIDE_RIGHT, phantom.SIDE_LEFT, phantom.SIDE_BOTH)
+  patients = [
+      phantom.with_factors(
+          phantom.with_finding(phantom.example_factors(11, 'validation', i),
+                               name, 0.9, sides[i % 3]),
+          support_device=i % 2)
+      for i, name in enumerate(phantom.SIGNS)]
+  images, masks, structures = phantom.render_batch(patients, size,
+                                                   with_structures=True)
+  maps = [np.round(structures[k] * 255).astype(np.uint8)
+          for k in sorted(structures)]
+  derived = [phantom.derived_factors(p) for p in patients]
+  return _sha256(images, masks, *maps, _rows_bytes(
+      [{**p, **d} for p, d in zip(patients, derived)]))
+
+
+def _golden_digests():
+  return ({key: _golden_examples(*key) for key in _GOLDEN_EXAMPLES},
+          {size: _golden_signs(size) for size in _GOLDEN_SIGNS})
+
+
+@pytest.mark.parametrize('key', list(_GOLDEN_EXAMPLES))
+def test_examples_are_the_recorded_bytes(key):
+  assert _golden_examples(*key) == _GOLDEN_EXAMPLES[key]
+
+
+@pytest.mark.parametrize('size', list(_GOLDEN_SIGNS))
+def test_every_signature_and_the_device_are_the_recorded_bytes(size):
+  assert _golden_signs(size) == _GOLDEN_SIGNS[size]
 
 
 def test_overriding_a_factor_keeps_the_others():
@@ -243,6 +322,66 @@ def test_confounder_strength_ties_the_support_device_to_its_target():
   assert 0.12 < without < 0.28
   with_target, without = rates(1.0)
   assert with_target == 1.0 and without == 0.0
+
+
+def test_factor_kinds_partition_the_scalar_factors():
+  kinds = (phantom.BINARY_FACTORS + phantom.CONTINUOUS_FACTORS
+           + ('texture_seed',))
+  assert sorted(kinds) == sorted(phantom.SCALAR_FACTORS)
+  factors = [phantom.example_factors(0, 'train', i) for i in range(200)]
+  for name in phantom.BINARY_FACTORS:
+    assert {f[name] for f in factors} == {0, 1}, name
+  for name in phantom.CONTINUOUS_FACTORS:
+    assert len({f[name] for f in factors}) > 150, name
+
+
+@pytest.mark.parametrize('name, value', [
+    ('view', 1), ('sex', 0), ('support_device', 1), ('age', 71.5),
+    ('exposure', -0.5), ('rotation_degrees', 3.0)])
+def test_sample_factors_with_holds_one_factor_and_draws_the_rest(name, value):
+  patients = phantom.sample_factors_with(3, 40, **{name: value})
+  rng = np.random.default_rng(3)
+  free = [phantom.sample_factors(rng) for _ in range(40)]
+  assert len(patients) == 40
+  assert all(p[name] == value for p in patients)
+  assert len({f[name] for f in free}) > 1
+  for patient, drawn in zip(patients, free):
+    for key in phantom.SCALAR_FACTORS:
+      if key != name:
+        assert patient[key] == drawn[key], key
+    np.testing.assert_array_equal(patient['sign_severity'],
+                                  drawn['sign_severity'])
+    np.testing.assert_array_equal(patient['labels'], drawn['labels'])
+
+
+def test_sample_factors_with_a_finding_sets_its_severity_and_labels():
+  patients = phantom.sample_factors_with(
+      np.random.default_rng(5), 16, Cardiomegaly=0.8, view=0)
+  index = FINDINGS.index('Cardiomegaly')
+  assert all(p['sign_severity'][index] == np.float32(0.8) for p in patients)
+  assert all(p['labels'][index] == 1 and p['labels'][-1] == 0
+             for p in patients)
+  ratios = [phantom.derived_factors(p)['cardiothoracic_ratio']
+            for p in patients]
+  assert min(ratios) > 0.5
+  absent = phantom.sample_factors_with(5, 16, Cardiomegaly=0.0)
+  assert all(p['sign_severity'][index] == 0 and p['labels'][index] == 0
+             for p in absent)
+  images, masks = phantom.render_batch(patients, 32)
+  assert images.shape == masks.shape == (16, 32, 32)
+
+
+@pytest.mark.parametrize('kwargs, message', [
+    (dict(colour=1), 'Unknown factors'),
+    (dict(sex=2), 'sex must be 0 or 1'),
+    (dict(variant='covid3', Nodule=0.7), "'chestxray14' only"),
+    (dict(variant='chexpert'), 'variant'),
+    (dict(count=0), 'count'),
+])
+def test_sample_factors_with_rejects_bad_arguments(kwargs, message):
+  kwargs = {'count': 4, **kwargs}
+  with pytest.raises(ValueError, match=message):
+    phantom.sample_factors_with(0, **kwargs)
 
 
 def test_covid3_variant_classes_and_signatures():
@@ -458,4 +597,5 @@ def test_committed_stats_are_what_the_script_derives(real_data_dir):
             'chestxray14_stats.json') as f:
     committed = json.load(f)
   assert derived == committed
+  assert assets.chestxray14_stats() == committed
   assert committed['prevalence']['Hernia'] < 0.005

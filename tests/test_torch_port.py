@@ -15,9 +15,9 @@ import torch
 from PIL import Image
 
 from configs import default
+from input_pipeline import heads as heads_lib
 from input_pipeline import labels
 from pumamednet_jax import checkpoints
-from pumamednet_jax import heads as heads_lib
 from pumamednet_jax import models
 from pumamednet_jax import torch_convert
 from pumamednet_jax import torch_model

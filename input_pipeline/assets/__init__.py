@@ -4,15 +4,21 @@
 128 × 128 grid, averaged over 517 real lung masks by
 scripts/derive_lung_prior.py. It shapes the lung-weighted loss and the
 phantom's lungs.
+
+`chestxray14_stats.json` holds the label and patient statistics of
+ChestX-ray14 (scripts/derive_chestxray14_stats.py) that the phantom samples.
 """
 
 import functools
 import importlib.resources
+import json
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
 _LUNG_PRIOR_FILE = 'lung_prior.png'
+_CHESTXRAY14_STATS_FILE = 'chestxray14_stats.json'
 
 
 @functools.lru_cache(maxsize=1)
@@ -41,3 +47,13 @@ def lung_prior(image_size: int) -> np.ndarray:
       (int(image_size), int(image_size)), Image.Resampling.BILINEAR,
       reducing_gap=None)
   return np.clip(np.asarray(resized, np.float32), 0.0, 1.0)
+
+
+@functools.lru_cache(maxsize=1)
+def chestxray14_stats() -> dict[str, Any]:
+  """Label and patient statistics of ChestX-ray14: label-set counts, sex and
+  view proportions, age quantiles."""
+  resource = importlib.resources.files(__name__).joinpath(
+      _CHESTXRAY14_STATS_FILE)
+  with resource.open('r') as stats_file:
+    return json.load(stats_file)
