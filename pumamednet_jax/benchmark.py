@@ -43,10 +43,10 @@ from ml_collections import config_flags
 from input_pipeline import heads as heads_lib
 from input_pipeline import pipeline
 from pumamednet_jax import defects as defects_lib
-from pumamednet_jax import fast_conv
 from pumamednet_jax import losses
 from pumamednet_jax import models
 from pumamednet_jax import parallel
+from pumamednet_jax import platform as platform_lib
 from pumamednet_jax import summary
 from pumamednet_jax import train
 
@@ -101,10 +101,11 @@ def _timed(fn, repeats: int, min_seconds: float = 0.0) -> tuple[float, float]:
   return seconds, (_minor_page_faults() - faults) / calls
 
 
-def matmul_peak_gflops(dtype: str = 'float32', repeats: int = 5) -> float:
+def matmul_peak_gflops(dtype: str, platform: str, repeats: int = 5) -> float:
   """Best GFLOP/s of a square matmul in `dtype` (the model's compute dtype:
-  a bfloat16 model is held to the bfloat16 peak) on the default device."""
-  n = 2048 if jax.default_backend() == 'cpu' else 8192
+  a bfloat16 model is held to the bfloat16 peak) on the default device, of
+  `platform`."""
+  n = 2048 if platform == 'cpu' else 8192
   a = jax.random.normal(jax.random.key(0), (n, n), dtype)
   b = jax.random.normal(jax.random.key(1), (n, n), dtype)
   matmul = jax.jit(jnp.matmul)
@@ -125,10 +126,12 @@ def peak_memory() -> tuple[float, str]:
 class JaxEntries:
   """The JAX train step and inference functions on one batch."""
 
-  def __init__(self, config, model_config, batch_size: int, mesh):
+  def __init__(self, config, model_config, batch_size: int, mesh,
+               policy: platform_lib.Policy):
     self.model_config = model_config
     optimizer = train.create_optimizer(config)
-    train_fn, _, _ = train.make_steps(config, model_config, mesh, optimizer)
+    train_fn, _, _ = train.make_steps(config, model_config, mesh, optimizer,
+                                      policy)
     replicated = jax.sharding.NamedSharding(mesh, parallel.REPLICATED)
     self.state = jax.jit(
         functools.partial(train.create_train_state, model_config, optimizer,
@@ -143,20 +146,20 @@ class JaxEntries:
     def encode_classify(params, images):
       model = models.bind(model_config, params)
       return models.in_chunks(lambda x: model.classify(model.encode(x)[0]),
-                              images)
+                              images, policy.inference_chunk(images.shape))
 
     def reconstruct(params, images):
       model = models.bind(model_config, params)
-      return models.in_chunks(lambda x: model(x)[0], images)
+      return models.in_chunks(lambda x: model(x)[0], images,
+                              policy.inference_chunk(images.shape))
 
     self.images = parallel.shard_batch(
         {'x': host_batch['image'].astype(np.float32) / 255.0}, mesh)['x']
-    self.infer_fn = parallel.data_parallel(encode_classify, mesh,
-                                           out_specs=parallel.SHARDED,
-                                           donate_state=False)
-    self.reconstruct_fn = parallel.data_parallel(reconstruct, mesh,
-                                                 out_specs=parallel.SHARDED,
-                                                 donate_state=False)
+    data_parallel = functools.partial(
+        parallel.data_parallel, mesh=mesh, out_specs=parallel.SHARDED,
+        donate_state=False, compiler_options=policy.compiler_options)
+    self.infer_fn = data_parallel(encode_classify)
+    self.reconstruct_fn = data_parallel(reconstruct)
   def train_step(self):
     self.state, step_metrics = self.train_compiled(self.state, self.batch)
     _block((self.state.params, step_metrics))
@@ -168,16 +171,16 @@ class JaxEntries:
     _block(self.reconstruct_fn(self.state.params, self.images))
 
 
-def torch_device(torch):
-  """Where the PyTorch port runs: on the device kind that JAX runs on."""
-  backend = jax.default_backend()
-  if backend == 'cpu':
+def torch_device(torch, platform: str):
+  """Where the PyTorch port runs: on the device kind that JAX runs on (of
+  `platform`)."""
+  if platform == 'cpu':
     return torch.device('cpu')
-  if backend == 'gpu' and torch.cuda.is_available():
+  if platform == 'gpu' and torch.cuda.is_available():
     return torch.device('cuda')
   raise RuntimeError(
       f'--vs_torch compares the frameworks on the same device: JAX runs on '
-      f'{backend} ({jax.devices()[0].device_kind}) and this PyTorch '
+      f'{platform} ({jax.devices()[0].device_kind}) and this PyTorch '
       f'{torch.__version__} has no such device (a CUDA build of PyTorch runs '
       f'on NVIDIA GPUs; without --vs_torch the benchmark runs anywhere)')
 
@@ -188,12 +191,12 @@ class TorchEntries:
   losses float32, as in JAX)."""
 
   def __init__(self, config, model_config: models.ModelConfig, params,
-               host_batch: dict[str, np.ndarray]):
+               host_batch: dict[str, np.ndarray], platform: str):
     import torch  # pylint: disable=g-import-not-at-top
     from pumamednet_jax import torch_convert  # pylint: disable=g-import-not-at-top
     from pumamednet_jax import torch_model  # pylint: disable=g-import-not-at-top
     self.torch = torch
-    self.device = torch_device(torch)
+    self.device = torch_device(torch, platform)
     self.heads = model_config.heads
     self.model = torch_model.PumaMedNet(
         torch_model.ModelConfig.from_json(model_config.to_json()))
@@ -342,18 +345,19 @@ def run(config, *, vs_torch: bool, rounds: int, steps: int,
   batch_size = config.batch_size
   sources = pipeline.get_sources(config)
   heads = pipeline.head_specs(sources, config.head_features)
-  model_config = models.model_config(config, heads)
   mesh = parallel.create_mesh()
+  policy = platform_lib.for_mesh(mesh, config.model.conv_impl)
+  model_config = models.model_config(config, heads, policy.conv_impl)
   threads = len(os.sched_getaffinity(0))
   results = {
       'config_dataset': config.dataset,
       'image_size': config.image_size,
       'batch_size': batch_size,
       'dtype': config.model.dtype,
-      'conv_impl': fast_conv.resolve_impl(config.model.conv_impl),
+      'conv_impl': model_config.conv_impl,
       'device_kind': jax.devices()[0].device_kind,
       'device_count': jax.device_count(),
-      'backend': jax.default_backend(),
+      'backend': policy.platform,
       'cpu_threads': threads,
       # Changes both frameworks' speed on the CPU (huge pages: README, Performance).
       'glibc_tunables': os.environ.get('GLIBC_TUNABLES', ''),
@@ -363,9 +367,9 @@ def run(config, *, vs_torch: bool, rounds: int, steps: int,
       # Examples per forward and backward pass of the JAX train step.
       'micro_batch_size': train.micro_batch_size(
           config.micro_batch_size, batch_size // jax.device_count(),
-          config.image_size),
+          config.image_size, policy),
   }
-  jax_entries = JaxEntries(config, model_config, batch_size, mesh)
+  jax_entries = JaxEntries(config, model_config, batch_size, mesh, policy)
   results['compile_seconds'] = jax_entries.compile_seconds
   results['train_flops_per_image'] = summary.train_flops_per_image(
       config, model_config, batch_size=8)
@@ -377,7 +381,7 @@ def run(config, *, vs_torch: bool, rounds: int, steps: int,
     torch.set_num_threads(threads)  # XLA:CPU uses every core it may
     entries['torch'] = TorchEntries(config, model_config,
                                     jax_entries.state.params,
-                                    jax_entries.host_batch)
+                                    jax_entries.host_batch, policy.platform)
     results['torch_device'] = str(entries['torch'].device)
     results['torch_version'] = torch.__version__
   # (framework, kind) → the call that a round times, in the order timed.
@@ -406,7 +410,8 @@ def run(config, *, vs_torch: bool, rounds: int, steps: int,
                                          MIN_SECONDS_PER_MEASUREMENT)
       seconds[measurement].append(call_seconds)
       page_faults[measurement].append(call_faults)
-    peaks.append(matmul_peak_gflops(config.model.dtype, repeats=2))
+    peaks.append(matmul_peak_gflops(config.model.dtype, policy.platform,
+                                    repeats=2))
     logging.info('round %d/%d: %s', round_index + 1, rounds,
                  {f'{f}/{k}': f'{batch_size / s[-1]:.1f} img/s'
                   for (f, k), s in seconds.items()})

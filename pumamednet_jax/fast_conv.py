@@ -14,8 +14,8 @@ Why: XLA:CPU runs a convolution with a dilated input (the input gradient of a
 strided conv, and a transposed conv) with a slow generic loop, and kernel
 gradients as convolutions with huge windows; that made the model's train step
 several times slower than PyTorch's. Here the strided conv's forward pass is
-XLA's own convolution, run by Eigen's kernel (programs compiled with
-`compiler_options()`, as `parallel.data_parallel` does; under XLA's default
+XLA's own convolution, run by Eigen's kernel (programs compiled with the
+CPU's compiler options, `platform.CPU_COMPILER_OPTIONS`; under XLA's default
 options YNNPACK takes it, 1.5–3× slower), and everything else heavy is a 2-D
 matmul or a stride-1 2×2 convolution, between cheap fused re-indexings:
 
@@ -54,25 +54,9 @@ import jax.numpy as jnp
 from flax.nnx.nn import dtypes
 from jax import lax
 
-# conv_impl values: 'xla' = the Flax layers (lax convolutions), 'fast' = this
-# module, 'auto' = 'fast' on CPU and 'xla' elsewhere (cuDNN and the TPU
-# convolution emitters handle strided and transposed convolutions well).
-IMPLS = ('auto', 'xla', 'fast')
-
-# XLA:CPU compiler options for every program that runs the model. XLA:CPU
-# hands convolutions to YNNPACK by default, and for this model's strided
-# convolutions its Eigen kernels are 1.5–3× faster (layer 2 at 256 px, batch
-# 32: 56 instead of 150–170 ms); YNNPACK keeps the dots and reductions, as by
-# default.
-CPU_COMPILER_OPTIONS = {
-    'xla_cpu_experimental_ynn_fusion_type':
-        'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE',
-}
-
-
-def compiler_options() -> dict[str, str]:
-  """`jax.jit(..., compiler_options=...)` for the default backend."""
-  return dict(CPU_COMPILER_OPTIONS) if jax.default_backend() == 'cpu' else {}
+# Forms of the model's convolutions (`models.ModelConfig.conv_impl`): 'xla' =
+# the Flax layers (lax convolutions), 'fast' = this module.
+FORMS = ('xla', 'fast')
 
 
 # Layouts of every lax convolution here: NHWC images, HWIO kernels (as nnx).
@@ -80,16 +64,6 @@ _NHWC = ('NHWC', 'HWIO', 'NHWC')
 
 # The 2×2 window offsets (dy, dx), in the order of the stacked channels.
 _TAPS = ((0, 0), (0, 1), (1, 0), (1, 1))
-
-
-def resolve_impl(conv_impl: str) -> str:
-  """'xla' or 'fast' for a conv_impl value ('auto' looks at the backend)."""
-  if conv_impl not in IMPLS:
-    raise ValueError(
-        f'model.conv_impl must be one of {IMPLS}, got {conv_impl!r}')
-  if conv_impl == 'auto':
-    return 'fast' if jax.default_backend() == 'cpu' else 'xla'
-  return conv_impl
 
 
 def _matmul(x: jax.Array, matrix: jax.Array) -> jax.Array:

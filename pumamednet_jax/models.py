@@ -47,9 +47,9 @@ class ModelConfig:
   # Compute dtype of convolutions and dense layers (parameters stay float32).
   dtype: str = 'float32'
   # How the convolutions are computed (same function, same parameters):
-  # 'xla' (lax convolutions), 'fast' (`fast_conv`, fast on XLA:CPU) or
-  # 'auto' ('fast' on CPU, 'xla' on GPU/TPU).
-  conv_impl: str = 'auto'
+  # 'xla' (lax convolutions) or 'fast' (`fast_conv`, fast on XLA:CPU); the
+  # platform policy picks it (`platform.Policy.conv_impl`).
+  conv_impl: str = 'xla'
 
   def __post_init__(self):
     if len(self.channels) != NUM_STRIDED_LAYERS:
@@ -59,7 +59,9 @@ class ModelConfig:
       raise ValueError(
           f'image_size must be a positive multiple of {2**NUM_STRIDED_LAYERS}, '
           f'got {self.image_size}')
-    fast_conv.resolve_impl(self.conv_impl)  # validates the name
+    if self.conv_impl not in fast_conv.FORMS:
+      raise ValueError(f'model.conv_impl must be one of {fast_conv.FORMS}, '
+                       f'got {self.conv_impl!r}')
 
   @property
   def bottleneck_size(self) -> int:
@@ -102,7 +104,7 @@ def leaky_relu(x: jax.Array, slope: float) -> jax.Array:
 def apply_conv(layer, x: jax.Array, fast_fn, conv_impl: str) -> jax.Array:
   """`layer(x)`, or the same function of the same parameters through
   `fast_fn` (`fast_conv.conv` / `conv_transpose`) when conv_impl says so."""
-  if fast_conv.resolve_impl(conv_impl) == 'fast':
+  if conv_impl == 'fast':
     return fast_fn(x, layer.kernel[...], layer.bias[...], dtype=layer.dtype)
   return layer(x)
 
@@ -248,12 +250,10 @@ class PumaMedNet(nnx.Module):
     return self.decode(z), self.classify(z), {'mu': mu, 'logvar': logvar, 'z': z}
 
 
-def count_params(model: nnx.Module) -> int:
-  return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-
-
-def model_config(config, heads: Sequence[heads_lib.HeadSpec]) -> ModelConfig:
-  """The ModelConfig of an ml_collections config and the data set's heads."""
+def model_config(config, heads: Sequence[heads_lib.HeadSpec],
+                 conv_impl: str) -> ModelConfig:
+  """The ModelConfig of an ml_collections config and the data set's heads,
+  with the convolutions' form that the platform policy picked."""
   return ModelConfig(
       image_size=config.image_size,
       channels=tuple(config.model.channels),
@@ -262,7 +262,7 @@ def model_config(config, heads: Sequence[heads_lib.HeadSpec]) -> ModelConfig:
       heads=tuple(heads),
       leaky_relu_slope=config.model.leaky_relu_slope,
       dtype=config.model.dtype,
-      conv_impl=config.model.conv_impl,
+      conv_impl=conv_impl,
   )
 
 
@@ -299,38 +299,13 @@ def count_params_tree(params: dict) -> int:
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
 
 
-# On the CPU the model runs over pieces of the batch of at most this many
-# pixels: inference and the eval step in chunks (`in_chunks`), the train step
-# in micro-batches (`train.micro_batch_size`, also at most
-# CPU_TRAIN_CHUNK_IMAGES images). XLA:CPU allocates a program's temporaries as
-# one block per call; glibc maps a block over 32 MB afresh at every call, and
-# whether it recycles one a little smaller depends on the process's history;
-# a fresh block is page-faulted through at every call. Encode + classify at
-# 256 px, batch 32: in one piece (88 MB) 201 images/s, in chunks of 8 images
-# (30 MB) 279; chunks of 2, 4 and 8 run equally fast in a fresh process, but
-# in a benchmark process chunks of 8 paid 5,125 faults per call (the
-# reconstruction 10,374, in every run) and chunks of 2 none. Train step, batch
-# 32, images/s relative to the chosen size: 64 px: 16 images 1, 8 0.93, 32
-# 0.84; 128 px: 8 images 1, 4 0.90, 16 0.94, 32 0.77; 256 px: 2 images 1,
-# 1 0.90, 4 0.98.
-CPU_CHUNK_PIXELS = 2 * 256 * 256
-CPU_TRAIN_CHUNK_IMAGES = 16
-
-
-def chunk_size(batch: int, limit: int) -> int:
-  """The largest divisor of `batch` that is at most `limit` (at least 1)."""
-  return max(d for d in range(1, min(batch, max(limit, 1)) + 1) if batch % d == 0)
-
-
-def in_chunks(fn, images: jax.Array, *,
-              max_pixels: int = CPU_CHUNK_PIXELS):
+def in_chunks(fn, images: jax.Array, chunk: int):
   """`fn(images)` for an `fn` with per-example outputs, computed over chunks
-  of the batch in a loop (`lax.map`) on the CPU; in one piece elsewhere, and
-  when the batch is small enough."""
-  batch, height, width = images.shape[:3]
-  if jax.default_backend() != 'cpu':
-    return fn(images)
-  chunk = chunk_size(batch, max_pixels // (height * width))
+  of `chunk` images in a loop (`lax.map`); in one piece when `chunk` is the
+  whole batch (the platform policy's `inference_chunk`)."""
+  batch = images.shape[0]
+  if batch % chunk:
+    raise ValueError(f'chunks of {chunk} images do not divide a batch of {batch}')
   if chunk == batch:
     return fn(images)
   outputs = jax.lax.map(fn, images.reshape(batch // chunk, chunk,

@@ -15,8 +15,6 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from pumamednet_jax import fast_conv
-
 AXIS = 'batch'
 REPLICATED = P()
 SHARDED = P(AXIS)
@@ -64,13 +62,15 @@ def example_index(local_size: int) -> jax.Array:
 
 
 def data_parallel(step_fn: Callable, mesh: Mesh, *, out_specs: Any,
-                  donate_state: bool) -> Callable:
+                  donate_state: bool,
+                  compiler_options: dict[str, str]) -> Callable:
   """jit(shard_map(step_fn)) with a replicated first argument (the state or
-  the parameters) and a batch split over devices as the second."""
+  the parameters) and a batch split over devices as the second, compiled with
+  `compiler_options` (the platform policy's)."""
   mapped = jax.shard_map(step_fn, mesh=mesh, in_specs=(REPLICATED, SHARDED),
                          out_specs=out_specs)
   return jax.jit(mapped, donate_argnums=(0,) if donate_state else (),
-                 compiler_options=fast_conv.compiler_options())
+                 compiler_options=dict(compiler_options))
 
 
 def placed(tree: Any, sharding: jax.sharding.Sharding) -> Any:

@@ -18,6 +18,7 @@ from ml_collections import config_flags
 from input_pipeline import pipeline
 from pumamednet_jax import models
 from pumamednet_jax import parallel
+from pumamednet_jax import platform as platform_lib
 from pumamednet_jax import train
 
 
@@ -73,7 +74,9 @@ def train_flops_per_image(config, model_config, batch_size: int) -> float:
   config.micro_batch_size = batch_size
   optimizer = train.create_optimizer(config)
   mesh = _counting_mesh()
-  train_fn, _, _ = train.make_steps(config, model_config, mesh, optimizer)
+  policy = platform_lib.for_mesh(mesh, model_config.conv_impl)
+  train_fn, _, _ = train.make_steps(config, model_config, mesh, optimizer,
+                                    policy)
   state = parallel.placed(
       jax.eval_shape(functools.partial(train.create_train_state, model_config,
                                        optimizer, 0)),
@@ -89,7 +92,8 @@ def main(argv):
   config = flags.FLAGS.config
   train.check_config(config)
   heads = pipeline.head_specs(pipeline.get_sources(config), config.head_features)
-  model_config = models.model_config(config, heads)
+  # Parameters and FLOPs of the nominal model (`nominal`).
+  model_config = models.model_config(config, heads, 'xla')
   params = models.abstract_params(model_config)
   print(parameter_overview.get_parameter_overview(params, include_stats=False))
   print(f'heads: {", ".join(f"{h.name} ({h.kind}, {h.size})" for h in heads)}')

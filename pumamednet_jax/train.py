@@ -25,6 +25,7 @@ from pumamednet_jax import losses
 from pumamednet_jax import metrics as metrics_lib
 from pumamednet_jax import models
 from pumamednet_jax import parallel
+from pumamednet_jax import platform as platform_lib
 
 # Streams of randomness folded into the seed, so train and eval never share.
 TRAIN_STREAM, EVAL_STREAM = 0, 1
@@ -49,6 +50,7 @@ class StepConfig:
   defects: defects_lib.DefectConfig
   seed: int
   micro_batch_size: int  # config.micro_batch_size (0 = automatic)
+  policy: platform_lib.Policy  # of the mesh's devices
 
 
 def check_config(config) -> None:
@@ -70,6 +72,7 @@ def check_config(config) -> None:
   if config.model.dtype not in ('float32', 'bfloat16'):
     raise ValueError("config.model.dtype must be 'float32' or 'bfloat16', got "
                      f'{config.model.dtype!r}')
+  platform_lib.check_conv_impl(config.model.conv_impl)
   for key in ('batch_size', 'log_every_steps', 'eval_every_steps',
               'checkpoint_every_steps', 'keep_checkpoints',
               'max_consecutive_nonfinite'):
@@ -82,8 +85,8 @@ def check_config(config) -> None:
   if config.learning_rate <= 0:
     raise ValueError(f'config.learning_rate must be > 0, got {config.learning_rate}')
   parallel.check_batch_size(config.batch_size)
-  micro_batch_size(config.micro_batch_size,
-                   config.batch_size // jax.device_count(), config.image_size)
+  check_micro_batch_size(config.micro_batch_size,
+                         config.batch_size // jax.device_count())
   losses.LossConfig.from_config(config)
   defects_lib.DefectConfig.from_config(config)
 
@@ -136,24 +139,22 @@ def _all_finite(tree) -> jax.Array:
   return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
-def micro_batch_size(requested: int, local_size: int, image_size: int) -> int:
-  """Examples per forward and backward pass of the train step:
-  `config.micro_batch_size`, or if 0 the whole per-device batch, split on the
-  CPU into micro-batches of at most `models.CPU_TRAIN_CHUNK_IMAGES` images
-  and `models.CPU_CHUNK_PIXELS` pixels."""
+def check_micro_batch_size(requested: int, local_size: int) -> None:
+  """config.micro_batch_size is 0 (automatic) or divides the per-device batch."""
   if requested < 0:
     raise ValueError('config.micro_batch_size must be >= 0 (0 = automatic), '
                      f'got {requested}')
-  if requested:
-    if local_size % requested:
-      raise ValueError(f'config.micro_batch_size = {requested} does not divide '
-                       f'the batch per device ({local_size})')
-    return requested
-  if jax.default_backend() != 'cpu':
-    return local_size
-  return models.chunk_size(local_size, min(
-      models.CPU_TRAIN_CHUNK_IMAGES,
-      models.CPU_CHUNK_PIXELS // image_size**2))
+  if requested and local_size % requested:
+    raise ValueError(f'config.micro_batch_size = {requested} does not divide '
+                     f'the batch per device ({local_size})')
+
+
+def micro_batch_size(requested: int, local_size: int, image_size: int,
+                     policy: platform_lib.Policy) -> int:
+  """Examples per forward and backward pass of the train step:
+  `config.micro_batch_size`, or if 0 the platform policy's."""
+  check_micro_batch_size(requested, local_size)
+  return requested or policy.micro_batch_size(local_size, image_size)
 
 
 def sum_over_micro_batches(fn, inputs, size: int):
@@ -211,7 +212,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *,
     return grads, terms
 
   micro_size = micro_batch_size(step_config.micro_batch_size, local_size,
-                                batch['image'].shape[1])
+                                batch['image'].shape[1], step_config.policy)
   grads, terms = sum_over_micro_batches(grads_and_terms, (batch, keys),
                                         micro_size)
   grads = jax.lax.pmean(grads, parallel.AXIS)
@@ -256,7 +257,8 @@ def eval_step(params: dict, batch: dict[str, jax.Array], *,
   clean, defective = _defective_inputs(batch, keys, step_config.defects)
   model = models.bind(step_config.model, params)
   reconstruction, head_outputs, _ = models.in_chunks(
-      lambda images: model(images, train=False), defective)
+      lambda images: model(images, train=False), defective,
+      step_config.policy.inference_chunk(defective.shape))
   ssim = functools.partial(losses.ssim,
                            filter_size=step_config.loss.ssim_filter_size,
                            filter_sigma=step_config.loss.ssim_filter_sigma)
@@ -279,30 +281,35 @@ def image_grid_step(params: dict, batch: dict[str, jax.Array], *,
   keys = example_keys(step_config.seed, EVAL_STREAM, 0, batch['index'])
   clean, defective = _defective_inputs(batch, keys, step_config.defects)
   model = models.bind(step_config.model, params)
-  reconstruction, _, _ = models.in_chunks(model, defective)
+  reconstruction, _, _ = models.in_chunks(
+      model, defective, step_config.policy.inference_chunk(defective.shape))
   return jnp.concatenate([defective, reconstruction, clean], axis=2)[..., 0]
 
 
 def make_steps(config, model_config: models.ModelConfig, mesh,
-               optimizer: optax.GradientTransformation):
+               optimizer: optax.GradientTransformation,
+               policy: platform_lib.Policy):
   """The data-parallel (jit ∘ shard_map) train, eval and image-grid steps of
-  `config` (losses, defects, seed) for `model_config`, over `mesh`."""
+  `config` (losses, defects, seed) for `model_config`, over `mesh`, computed
+  as `policy` (the mesh's) says."""
   step_config = StepConfig(
       model=model_config, loss=losses.LossConfig.from_config(config),
       defects=defects_lib.DefectConfig.from_config(config), seed=config.seed,
-      micro_batch_size=config.micro_batch_size)
+      micro_batch_size=config.micro_batch_size, policy=policy)
+  data_parallel = functools.partial(
+      parallel.data_parallel, mesh=mesh,
+      compiler_options=policy.compiler_options)
   weight_map = jnp.asarray(losses.lung_weight_map(config.image_size,
                                                   config.loss.lung_weight))
-  train = parallel.data_parallel(
+  train = data_parallel(
       functools.partial(train_step, step_config=step_config, optimizer=optimizer,
                         weight_map=weight_map),
-      mesh, out_specs=(parallel.REPLICATED, parallel.REPLICATED),
-      donate_state=True)
-  evaluate = parallel.data_parallel(
-      functools.partial(eval_step, step_config=step_config), mesh,
+      out_specs=(parallel.REPLICATED, parallel.REPLICATED), donate_state=True)
+  evaluate = data_parallel(
+      functools.partial(eval_step, step_config=step_config),
       out_specs=parallel.SHARDED, donate_state=False)
-  grid = parallel.data_parallel(
-      functools.partial(image_grid_step, step_config=step_config), mesh,
+  grid = data_parallel(
+      functools.partial(image_grid_step, step_config=step_config),
       out_specs=parallel.SHARDED, donate_state=False)
   return train, evaluate, grid
 
@@ -417,10 +424,12 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   sources = pipeline.get_sources(config)
   pipeline.prepare(sources)
   heads = pipeline.head_specs(sources, config.head_features)
-  model_config = models.model_config(config, heads)
   mesh = parallel.create_mesh()
+  policy = platform_lib.for_mesh(mesh, config.model.conv_impl)
+  model_config = models.model_config(config, heads, policy.conv_impl)
   optimizer = create_optimizer(config)
-  train_fn, eval_fn, grid_fn = make_steps(config, model_config, mesh, optimizer)
+  train_fn, eval_fn, grid_fn = make_steps(config, model_config, mesh, optimizer,
+                                          policy)
 
   manager = checkpoints.create_manager(workdir, keep=config.keep_checkpoints)
   state = restore_or_init(manager, model_config, optimizer, config.seed, mesh)

@@ -23,6 +23,7 @@ from input_pipeline import heads as heads_lib  # pylint: disable=g-import-not-at
 from input_pipeline import labels  # pylint: disable=g-import-not-at-top
 from input_pipeline import phantom  # pylint: disable=g-import-not-at-top
 from pumamednet_jax import models, parallel, train  # pylint: disable=g-import-not-at-top
+from pumamednet_jax import platform as platform_lib  # pylint: disable=g-import-not-at-top
 
 GLOBAL_BATCH = 16
 NUM_STEPS = 3
@@ -52,10 +53,12 @@ def main(out_path):
   heads = (heads_lib.HeadSpec('labels', heads_lib.MULTILABEL, labels.LABELS),
            heads_lib.HeadSpec('view', heads_lib.BINARY, labels.VIEWS),
            heads_lib.HeadSpec('age', heads_lib.REGRESSION, scale=100.0))
-  model_config = models.model_config(config, heads)
-  optimizer = train.create_optimizer(config)
   mesh = parallel.create_mesh()
-  train_fn, _, _ = train.make_steps(config, model_config, mesh, optimizer)
+  policy = platform_lib.for_mesh(mesh, config.model.conv_impl)
+  model_config = models.model_config(config, heads, policy.conv_impl)
+  optimizer = train.create_optimizer(config)
+  train_fn, _, _ = train.make_steps(config, model_config, mesh, optimizer,
+                                    policy)
   state = parallel.replicate(
       train.create_train_state(model_config, optimizer, config.seed), mesh)
   local = parallel.local_batch_size(GLOBAL_BATCH)

@@ -20,7 +20,7 @@ from pumamednet_jax import models
 def tiny_setup(**overrides):
   config = shrink(default.get_config(), **overrides)
   heads = pipeline.head_specs(pipeline.get_sources(config), config.head_features)
-  return config, models.model_config(config, heads)
+  return config, models.model_config(config, heads, 'fast')
 
 
 def test_torch_loss_is_the_jax_loss():
@@ -29,7 +29,8 @@ def test_torch_loss_is_the_jax_loss():
                                     loss__classification_weight=2.0)
   params = models.init_params(model_config, seed=3)
   batch = benchmark.synthetic_batch(config, model_config.heads, batch_size=4)
-  torch_entries = benchmark.TorchEntries(config, model_config, params, batch)
+  torch_entries = benchmark.TorchEntries(config, model_config, params, batch,
+                                         'cpu')
 
   clean, defective = benchmark.defective_pair(config, batch)
   reconstruction, head_outputs, latents = jax.jit(
@@ -98,7 +99,8 @@ def test_torch_computes_a_bfloat16_model_in_bfloat16():
   config, model_config = tiny_setup(model__dtype='bfloat16')
   params = models.init_params(model_config, seed=3)
   batch = benchmark.synthetic_batch(config, model_config.heads, batch_size=4)
-  torch_entries = benchmark.TorchEntries(config, model_config, params, batch)
+  torch_entries = benchmark.TorchEntries(config, model_config, params, batch,
+                                         'cpu')
   with torch_entries.torch.no_grad():
     float32_mu = torch_entries.model(torch_entries.defective)[2]['mu'].numpy()
     bfloat16_mu = torch_entries._model(  # pylint: disable=protected-access

@@ -13,6 +13,7 @@ from input_pipeline import heads as heads_lib
 from pumamednet_jax import fast_conv
 from pumamednet_jax import models
 from pumamednet_jax import parallel
+from pumamednet_jax import platform as platform_lib
 
 # Agreement asked of the fast formulation: float32 rounding (summation order)
 # relative to the largest magnitude compared.
@@ -121,7 +122,8 @@ def model_pair(image_size):
   config = default.get_config()
   heads = (heads_lib.HeadSpec('labels', heads_lib.MULTILABEL, names=('a', 'b', 'c')),
            heads_lib.HeadSpec('sex', heads_lib.BINARY, names=('M', 'F')))
-  base = dataclasses.replace(models.model_config(config, heads), image_size=image_size)
+  base = dataclasses.replace(models.model_config(config, heads, 'xla'),
+                             image_size=image_size)
   params = models.init_params(dataclasses.replace(base, conv_impl='xla'), 0)
   return (params, dataclasses.replace(base, conv_impl='xla'),
           dataclasses.replace(base, conv_impl='fast'))
@@ -156,18 +158,10 @@ def test_model_with_fast_convs_matches_the_flax_layers(image_size):
     assert_close(a, e, jax.tree_util.keystr(path))
 
 
-def test_auto_picks_fast_on_cpu_and_bad_names_fail():
-  assert jax.default_backend() == 'cpu'
-  assert fast_conv.resolve_impl('auto') == 'fast'
-  assert fast_conv.resolve_impl('xla') == 'xla'
-  _, plain, _ = model_pair(64)
-  with pytest.raises(ValueError, match='model.conv_impl'):
-    dataclasses.replace(plain, conv_impl='cudnn')
-
-
 def test_model_programs_leave_convolutions_to_eigen():
-  """parallel.data_parallel compiles with fast_conv.compiler_options(), which
-  keep XLA:CPU's convolutions out of YNNPACK (slower for these layers)."""
+  """The CPU policy's compiler options, which parallel.data_parallel
+  compiles with, keep XLA:CPU's convolutions out of YNNPACK (slower for these
+  layers)."""
   kernel = jax.random.normal(jax.random.key(5), (4, 4, 32, 48))
   images = jax.random.normal(jax.random.key(6), (2, 16, 16, 32))
 
@@ -175,8 +169,10 @@ def test_model_programs_leave_convolutions_to_eigen():
     return fast_conv.conv_lax(images, kernel, 0.0)
 
   mesh = parallel.create_mesh()
+  policy = platform_lib.for_mesh(mesh)
   step = parallel.data_parallel(layer, mesh, out_specs=parallel.SHARDED,
-                                donate_state=False)
+                                donate_state=False,
+                                compiler_options=policy.compiler_options)
   with_options = step.lower(kernel, images).compile().as_text()
   default_options = jax.jit(layer).lower(kernel, images).compile().as_text()
   assert 'convolution(' in with_options

@@ -29,7 +29,7 @@ def small_model_config(heads, image_size=64):
   config.model.channels = (4, 4, 8, 8, 8, 8)
   config.model.latent_dim = 12
   config.model.classifier_hidden = 16
-  return models.model_config(config, heads)
+  return models.model_config(config, heads, 'fast')
 
 
 @pytest.fixture(scope='module')
@@ -107,17 +107,25 @@ def test_image_size_must_be_a_multiple_of_64():
 
 
 def test_model_config_json_round_trip():
-  model_config = small_model_config(CXR_HEADS)
+  model_config = dataclasses.replace(small_model_config(CXR_HEADS),
+                                     conv_impl='xla')
   assert models.ModelConfig.from_json(model_config.to_json()) == model_config
 
 
 def test_compute_options_are_not_part_of_the_stored_architecture():
   model_config = dataclasses.replace(small_model_config(CXR_HEADS),
-                                     dtype='bfloat16', conv_impl='xla')
+                                     dtype='bfloat16', conv_impl='fast')
   stored = model_config.to_json()
   assert not set(models.COMPUTE_FIELDS) & set(stored)
   assert models.ModelConfig.from_json(stored) == dataclasses.replace(
-      model_config, dtype='float32', conv_impl='auto')
+      model_config, dtype='float32', conv_impl='xla')
+
+
+@pytest.mark.parametrize('conv_impl', ['auto', 'bogus'])
+def test_the_model_takes_a_concrete_conv_form(conv_impl):
+  # 'auto' is the config's, resolved by the platform policy at the edge.
+  with pytest.raises(ValueError, match='model.conv_impl'):
+    dataclasses.replace(small_model_config(CXR_HEADS), conv_impl=conv_impl)
 
 
 def test_bfloat16_computes_in_bfloat16_with_float32_parameters():
@@ -135,16 +143,16 @@ def test_bfloat16_computes_in_bfloat16_with_float32_parameters():
   assert 0 < difference < 0.05 * max(1.0, float(jnp.max(jnp.abs(full[2]['mu']))))
 
 
-@pytest.mark.parametrize('batch,max_pixels,chunk', [
-    (6, 2 * 128 * 128, 2),  # chunks of the largest divisor under the limit
-    (5, 2 * 128 * 128, 1),  # a prime batch: one image at a time
-    (6, 8 * 128 * 128, 6),  # small enough: in one piece
+@pytest.mark.parametrize('batch,chunk', [
+    (6, 2),  # chunks of several images
+    (5, 1),  # one image at a time
+    (6, 6),  # in one piece
 ])
 def test_in_chunks_computes_the_same_per_example_outputs(cxr_model, batch,
-                                                         max_pixels, chunk):
+                                                         chunk):
   images = jax.random.uniform(jax.random.key(7), (batch, 128, 128, 1))
   run = lambda x: cxr_model(x, train=False)
-  chunked = jax.jit(lambda x: models.in_chunks(run, x, max_pixels=max_pixels))
+  chunked = jax.jit(lambda x: models.in_chunks(run, x, chunk))
   jaxpr = str(jax.make_jaxpr(chunked)(images))
   assert ('scan' in jaxpr) == (chunk < batch)
   expected, actual = jax.jit(run)(images), chunked(images)

@@ -17,7 +17,7 @@ def test_paper_preset_has_the_papers_parameter_count():
   config = chestxray14.get_config()
   heads = pipeline.head_specs(pipeline.get_sources(config))  # no data needed
   count = models.count_params_tree(
-      models.abstract_params(models.model_config(config, heads)))
+      models.abstract_params(models.model_config(config, heads, 'xla')))
   assert abs(count - PAPER_PARAMS) / PAPER_PARAMS < 0.01
   assert count == 1_405_916
 
@@ -41,7 +41,7 @@ def test_summary_prints_the_table_flops_and_total_params_last():
 def test_train_flops_count_every_micro_batch():
   config = shrink(default.get_config())
   heads = pipeline.head_specs(pipeline.get_sources(config), config.head_features)
-  model_config = models.model_config(config, heads)
+  model_config = models.model_config(config, heads, 'fast')
   whole = summary.train_flops_per_image(config, model_config, 8)
   config.micro_batch_size = 2  # a loop of four micro-batches
   assert summary.train_flops_per_image(config, model_config, 8) == whole > 0
@@ -56,7 +56,7 @@ def test_flops_count_every_convolution():
   # CPU) would fall far short.
   config = shrink(default.get_config())
   heads = pipeline.head_specs(pipeline.get_sources(config), config.head_features)
-  model_config = models.model_config(config, heads)
+  model_config = models.model_config(config, heads, 'fast')
   channels = (1, *config.model.channels)
   multiply_adds = sum(
       models.KERNEL_SIZE**2 * c_in * c_out * (config.image_size // 2**(i + 1))**2

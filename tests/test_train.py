@@ -16,6 +16,7 @@ from pumamednet_jax import benchmark
 from pumamednet_jax import checkpoints
 from pumamednet_jax import models
 from pumamednet_jax import parallel
+from pumamednet_jax import platform as platform_lib
 from pumamednet_jax import train
 from e2e_support import REPO_ROOT, config_flags, shrink
 
@@ -73,6 +74,7 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(phantom_data_dir, tmp_pat
     ('batch_size', 0, 'config.batch_size'),
     ('defects.flip_prob', 1.5, 'config.defects.flip_prob'),
     ('micro_batch_size', 3, 'config.micro_batch_size'),
+    ('model.conv_impl', 'bogus', 'config.model.conv_impl'),
 ])
 def test_bad_config_fails_before_any_compute(tmp_path, key, value, message):
   config = shrink(default.get_config(), **{key.replace('.', '__'): value})
@@ -89,8 +91,9 @@ def test_micro_batches_compute_the_same_step():
   # gradient differences. Its micro-batch shares are checked in test_losses.
   config = shrink(default.get_config(), loss__ssim_weight=0.0)
   heads = pipeline.head_specs(pipeline.get_sources(config), config.head_features)
-  model_config = models.model_config(config, heads)
   mesh = jax.sharding.Mesh(jax.devices()[:1], (parallel.AXIS,))
+  policy = platform_lib.for_mesh(mesh, config.model.conv_impl)
+  model_config = models.model_config(config, heads, policy.conv_impl)
   batch = benchmark.synthetic_batch(config, heads, config.batch_size)
   # Unknown ages in one half only: the age loss must average over the whole
   # batch's known ages, not over each micro-batch's.
@@ -101,7 +104,8 @@ def test_micro_batches_compute_the_same_step():
   results, loops = {}, {}
   for micro_batch_size in (0, 2):
     config.micro_batch_size = micro_batch_size
-    train_fn, _, _ = train.make_steps(config, model_config, mesh, optimizer)
+    train_fn, _, _ = train.make_steps(config, model_config, mesh, optimizer,
+                                      policy)
     state = parallel.replicate(train.create_train_state(
         model_config, optimizer, config.seed), mesh)
     loops[micro_batch_size] = train_fn.lower(state, batch).as_text().count(
@@ -125,10 +129,11 @@ def test_micro_batches_compute_the_same_step():
     (64, 32, 16), (64, 8, 8), (128, 32, 8), (256, 32, 2), (512, 32, 1),
     (128, 24, 8), (256, 3, 1)])
 def test_automatic_micro_batches_on_the_cpu(image_size, local_size, expected):
-  assert train.micro_batch_size(0, local_size, image_size) == expected
-  assert train.micro_batch_size(4, 8, image_size) == 4
+  policy = platform_lib.for_devices(jax.devices())
+  assert train.micro_batch_size(0, local_size, image_size, policy) == expected
+  assert train.micro_batch_size(4, 8, image_size, policy) == 4
   with pytest.raises(ValueError, match='config.micro_batch_size'):
-    train.micro_batch_size(3, 8, image_size)
+    train.micro_batch_size(3, 8, image_size, policy)
 
 
 def run_main(workdir, *flags, wait=True):
