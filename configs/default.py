@@ -59,7 +59,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.leaky_relu_slope = 0.15
   # Compute dtype: float32, or bfloat16 on GPU/TPU (parameters stay float32).
   config.model.dtype = 'float32'
-  # Conv formulation: 'auto' ('fast' on CPU, 'xla' on GPU/TPU), 'xla' or 'fast'.
+  # Conv formulation: 'auto' ('fast' on CPU, 'xla' on GPU/TPU), 'xla', 'fast'
+  # or 'cudnn' (transposed convs in the patterns XLA:GPU hands to cuDNN).
   config.model.conv_impl = 'auto'
 
   # --- Losses -------------------------------------------------------------
