@@ -259,7 +259,8 @@ def eval_step(params: dict, batch: dict[str, jax.Array], *,
       lambda images: model(images, train=False), defective)
   ssim = functools.partial(losses.ssim,
                            filter_size=step_config.loss.ssim_filter_size,
-                           filter_sigma=step_config.loss.ssim_filter_sigma)
+                           filter_sigma=step_config.loss.ssim_filter_sigma,
+                           filter_form=step_config.loss.ssim_filter)
   outputs = {
       'valid': batch['valid'],
       'ssim_reconstruction': ssim(reconstruction, clean),
