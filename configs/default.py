@@ -59,7 +59,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.leaky_relu_slope = 0.15
   # Compute dtype: float32, or bfloat16 on GPU/TPU (parameters stay float32).
   config.model.dtype = 'float32'
-  # Conv formulation: 'auto' ('fast' on CPU, 'xla' on GPU/TPU), 'xla' or 'fast'.
+  # Conv formulation: 'auto' ('fast' on CPU, 'xla' on GPU/TPU), 'xla', 'fast'
+  # or 'cudnn' (transposed convs in the patterns XLA:GPU hands to cuDNN).
   config.model.conv_impl = 'auto'
 
   # --- Losses -------------------------------------------------------------
@@ -82,6 +83,9 @@ def get_config() -> ml_collections.ConfigDict:
   # SSIM window: Gaussian filter size and sigma (dm-pix defaults are 11 / 1.5).
   config.loss.ssim_filter_size = 7
   config.loss.ssim_filter_sigma = 1.5
+  # How the SSIM filter is computed: 'banded' (matmuls; fastest on the CPU) or
+  # 'separable' (two 1-D convolutions as shifted sums; for GPUs/TPUs).
+  config.loss.ssim_filter = 'banded'
 
   # --- Defects applied on the device to the model's input ----------------
   config.defects = ml_collections.ConfigDict()
@@ -97,6 +101,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.defects.blur_sigma_max = 1.5
   # Probability of histogram equalization.
   config.defects.equalize_prob = 0.2
+  # How equalize counts grey levels: 'scatter' (bincount; fastest on the CPU)
+  # or 'compare' (compare-and-sum against the 256 levels; for GPUs/TPUs).
+  config.defects.equalize_impl = 'scatter'
   # Probability of autocontrast.
   config.defects.autocontrast_prob = 0.2
 

@@ -41,7 +41,6 @@ from absl import logging
 from ml_collections import config_flags
 
 from input_pipeline import heads as heads_lib
-from input_pipeline import pipeline
 from pumamednet_jax import defects as defects_lib
 from pumamednet_jax import losses
 from pumamednet_jax import models
@@ -124,10 +123,12 @@ def peak_memory() -> tuple[float, str]:
 
 
 class JaxEntries:
-  """The JAX train step and inference functions on one batch."""
+  """The JAX train step and inference functions on one batch; the train step
+  compiled with `compiler_options` (XLA flags) besides the mesh's own."""
 
   def __init__(self, config, model_config, batch_size: int, mesh,
-               policy: platform_lib.Policy):
+               policy: platform_lib.Policy,
+               compiler_options: dict[str, str] | None = None):
     self.model_config = model_config
     optimizer = train.create_optimizer(config)
     train_fn, _, _ = train.make_steps(config, model_config, mesh, optimizer,
@@ -140,7 +141,8 @@ class JaxEntries:
     self.host_batch = host_batch
     self.batch = parallel.shard_batch(host_batch, mesh)
     start = time.perf_counter()
-    self.train_compiled = train_fn.lower(self.state, self.batch).compile()
+    self.train_compiled = train_fn.lower(self.state, self.batch).compile(
+        compiler_options or None)
     self.compile_seconds = time.perf_counter() - start
 
     def encode_classify(params, images):
@@ -324,6 +326,7 @@ class TorchEntries:
 def pipeline_images_per_sec(config, sources, heads, batch_size: int,
                             num_batches: int) -> float:
   """Images/s of the training input pipeline alone (decode, batch, prefetch)."""
+  from input_pipeline import pipeline  # pylint: disable=g-import-not-at-top
   pipeline.prepare(sources)
   iterator = pipeline.create_train_iterator(
       sources, heads, seed=config.seed, image_size=config.image_size,
@@ -341,6 +344,7 @@ def pipeline_images_per_sec(config, sources, heads, batch_size: int,
 def run(config, *, vs_torch: bool, rounds: int, steps: int,
         measure_pipeline: bool, pipeline_batches: int) -> dict:
   """All measurements; returns the results dict (the JSON)."""
+  from input_pipeline import pipeline  # pylint: disable=g-import-not-at-top
   train.check_config(config)
   batch_size = config.batch_size
   sources = pipeline.get_sources(config)

@@ -22,6 +22,11 @@ import jax
 import jax.numpy as jnp
 
 NUM_LEVELS = 256  # equalize works on 8-bit grey levels, like PIL
+# How equalize counts the grey levels (the same counts): 'scatter' = a
+# bincount (a scatter-add; the CPU's fastest), 'compare' = compare-and-sum
+# against every level (no scatter; for accelerators, where a scatter-add into
+# 256 bins serialises on atomic updates).
+EQUALIZE_IMPLS = ('scatter', 'compare')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +41,7 @@ class DefectConfig:
   blur_sigma_max: float = 1.5
   equalize_prob: float = 0.0
   autocontrast_prob: float = 0.0
+  equalize_impl: str = 'scatter'  # one of EQUALIZE_IMPLS
 
   @classmethod
   def from_config(cls, config) -> 'DefectConfig':
@@ -52,6 +58,9 @@ class DefectConfig:
     if d.max_rotation_degrees < 0:
       raise ValueError('config.defects.max_rotation_degrees must be >= 0, got '
                        f'{d.max_rotation_degrees}')
+    if d.equalize_impl not in EQUALIZE_IMPLS:
+      raise ValueError(f'config.defects.equalize_impl must be one of '
+                       f'{EQUALIZE_IMPLS}, got {d.equalize_impl!r}')
     return cls(
         rotate_prob=d.rotate_prob,
         max_rotation_degrees=d.max_rotation_degrees,
@@ -61,6 +70,7 @@ class DefectConfig:
         blur_sigma_max=d.blur_sigma_max * scale,
         equalize_prob=d.equalize_prob,
         autocontrast_prob=d.autocontrast_prob,
+        equalize_impl=d.equalize_impl,
     )
 
   @property
@@ -125,21 +135,35 @@ def blur(image: jax.Array, sigma: jax.Array, kernel_size: int) -> jax.Array:
                     precision=jax.lax.Precision.HIGHEST)
 
 
-def equalize(image: jax.Array) -> jax.Array:
+def level_counts(levels: jax.Array, impl: str) -> tuple[jax.Array, jax.Array]:
+  """(pixels at each level, pixels below each level) of integer `levels` in
+  [0, NUM_LEVELS), each (NUM_LEVELS,) int32, computed as `impl` says."""
+  if impl == 'scatter':
+    histogram = jnp.bincount(levels.ravel(), length=NUM_LEVELS)
+    return histogram, jnp.cumsum(histogram) - histogram
+  if impl == 'compare':
+    # Pixels below each of the levels 0..NUM_LEVELS; the histogram follows.
+    below = jnp.sum(levels.reshape(-1, 1) < jnp.arange(NUM_LEVELS + 1),
+                    axis=0, dtype=jnp.int32)
+    return below[1:] - below[:-1], below[:-1]
+  raise ValueError(f'equalize impl must be one of {EQUALIZE_IMPLS}, got {impl!r}')
+
+
+def equalize(image: jax.Array, impl: str = 'scatter') -> jax.Array:
   """Histogram equalization of the 8-bit grey levels (PIL's ImageOps.equalize).
 
   The look-up table spreads the cumulative histogram evenly over 0..255; as in
   PIL the most frequent top level is left out of the step, and an image with a
-  single grey level is returned unchanged.
+  single grey level is returned unchanged. `impl` (EQUALIZE_IMPLS) only
+  chooses how the levels are counted.
   """
   levels = jnp.clip(jnp.round(image * (NUM_LEVELS - 1)), 0, NUM_LEVELS - 1)
   levels = levels.astype(jnp.int32)
-  histogram = jnp.bincount(levels.ravel(), length=NUM_LEVELS)
+  histogram, below = level_counts(levels, impl)
   last_nonzero = jnp.max(jnp.where(histogram > 0, jnp.arange(NUM_LEVELS), 0))
   step = (jnp.sum(histogram) - histogram[last_nonzero]) // (NUM_LEVELS - 1)
   safe_step = jnp.maximum(step, 1)
   # Pixels below each level, shifted by half a step to round.
-  below = jnp.cumsum(histogram) - histogram
   lut = jnp.clip((below + safe_step // 2) // safe_step, 0, NUM_LEVELS - 1)
   equalized = lut[levels].astype(image.dtype) / (NUM_LEVELS - 1)
   return jnp.where(step > 0, equalized, image)
@@ -180,7 +204,8 @@ def apply_defects(image: jax.Array, defects: dict[str, jax.Array],
     blurred = blur(image, defects['sigma'], config.blur_kernel_size)
     image = jnp.where(defects['blur'], blurred, image)
   if config.equalize_prob > 0:
-    image = jnp.where(defects['equalize'], equalize(image), image)
+    image = jnp.where(defects['equalize'],
+                      equalize(image, config.equalize_impl), image)
   if config.autocontrast_prob > 0:
     image = jnp.where(defects['autocontrast'], autocontrast(image), image)
   return image

@@ -10,6 +10,9 @@ stores), so the checkpoint layout does not change:
       == nnx.ConvTranspose(k=4, strides=2, padding=((2, 2), (2, 2)),
                            transpose_kernel=False)
 
+`conv_transpose_cudnn` is the transposed conv for accelerators (conv_impl
+'cudnn'), in the forms XLA:GPU hands to cuDNN's kernels; see its docstring.
+
 Why: XLA:CPU runs a convolution with a dilated input (the input gradient of a
 strided conv, and a transposed conv) with a slow generic loop, and kernel
 gradients as convolutions with huge windows; that made the model's train step
@@ -55,8 +58,9 @@ from flax.nnx.nn import dtypes
 from jax import lax
 
 # Forms of the model's convolutions (`models.ModelConfig.conv_impl`): 'xla' =
-# the Flax layers (lax convolutions), 'fast' = this module.
-FORMS = ('xla', 'fast')
+# the Flax layers (lax convolutions), 'fast' = this module's CPU forms,
+# 'cudnn' = the Flax strided convs and `conv_transpose_cudnn` (GPUs).
+FORMS = ('xla', 'fast', 'cudnn')
 
 
 # Layouts of every lax convolution here: NHWC images, HWIO kernels (as nnx).
@@ -378,3 +382,71 @@ def conv_transpose(x: jax.Array, kernel: jax.Array, bias: jax.Array,
     return conv_transpose_col2im(x, kernel, bias)
   return conv_transpose_subpixel(x, kernel, bias)
 
+
+
+# nnx.ConvTranspose's padding of the dilated input (k - 1 - p for PyTorch's p = 1).
+_TRANSPOSE_PADDING = ((2, 2), (2, 2))
+
+
+def _reversed(kernel: jax.Array) -> jax.Array:
+  """The kernel with both spatial axes reversed."""
+  return lax.rev(kernel, (0, 1))
+
+
+def _strided_conv_hwoi(grad: jax.Array, flipped: jax.Array) -> jax.Array:
+  """(B, 2H, 2W, Cout) → (B, H, W, Cin): the k=4, s=2, p=1 conv with the
+  flipped kernel read as HWOI (its output channels are the kernel's inputs)."""
+  return lax.conv_general_dilated(grad, flipped, (2, 2), ((1, 1), (1, 1)),
+                                  dimension_numbers=('NHWC', 'HWOI', 'NHWC'))
+
+
+@jax.custom_vjp
+def conv_transpose_reversed(x: jax.Array, kernel: jax.Array,
+                            bias: jax.Array) -> jax.Array:
+  """nnx.ConvTranspose's function in the patterns that XLA:GPU's conv
+  rewriter maps to cuDNN's kernels (conv_rewriter.cc):
+
+  * forward: a conv with an input (lhs) dilation becomes cuDNN's
+    backward-data kernel only when its filter is an explicit reverse. The
+    filter here is reverse(reverse(kernel)); the optimization barrier keeps
+    XLA's simplifier from folding the two reverses into the kernel itself.
+  * input gradient: the strided conv of the output gradient with the flipped
+    kernel (cuDNN's forward kernel).
+  * kernel gradient: that strided conv's kernel gradient, with a kernel
+    (rhs) dilation and no input dilation (cuDNN's backward-filter kernel).
+    XLA's own kernel gradient of the forward keeps its input dilation, which
+    no cuDNN kernel takes: a forward conv whose filter is the whole gradient.
+  """
+  flipped = lax.optimization_barrier(_reversed(kernel))
+  out = lax.conv_general_dilated(x, _reversed(flipped), (1, 1),
+                                 _TRANSPOSE_PADDING, lhs_dilation=(2, 2),
+                                 dimension_numbers=_NHWC)
+  return out + bias
+
+
+def _reversed_fwd(x, kernel, bias):
+  return conv_transpose_reversed(x, kernel, bias), (x, kernel)
+
+
+def _reversed_vjp(residuals, grad):
+  x, kernel = residuals
+  # out[2i + 2 - k] gets x[i] · kernel[k], so the input gradient at i is
+  # Σ_k grad[2i - 1 + k] · kernel[3 - k]: a strided conv of the gradient with
+  # the flipped kernel; the kernel gradient is that conv's kernel gradient for
+  # the cotangent x, flipped back.
+  x_grad, kernel_vjp = jax.vjp(lambda flipped: _strided_conv_hwoi(grad, flipped),
+                               _reversed(kernel))
+  (flipped_grad,) = kernel_vjp(x)
+  return x_grad, _reversed(flipped_grad), jnp.sum(grad, axis=(0, 1, 2))
+
+
+conv_transpose_reversed.defvjp(_reversed_fwd, _reversed_vjp)
+
+
+@functools.partial(jax.jit, static_argnames='dtype')
+def conv_transpose_cudnn(x: jax.Array, kernel: jax.Array, bias: jax.Array,
+                         dtype=None) -> jax.Array:
+  """`conv_transpose` for accelerators: `conv_transpose_reversed`, cast to
+  the layer's compute dtype as nnx does."""
+  x, kernel, bias = dtypes.promote_dtype((x, kernel, bias), dtype=dtype)
+  return conv_transpose_reversed(x, kernel, bias)

@@ -47,8 +47,9 @@ class ModelConfig:
   # Compute dtype of convolutions and dense layers (parameters stay float32).
   dtype: str = 'float32'
   # How the convolutions are computed (same function, same parameters):
-  # 'xla' (lax convolutions) or 'fast' (`fast_conv`, fast on XLA:CPU); the
-  # platform policy picks it (`platform.Policy.conv_impl`).
+  # 'xla' (lax convolutions), 'fast' (`fast_conv`, fast on XLA:CPU) or 'cudnn'
+  # (transposed convs in cuDNN's patterns, for GPUs); the platform policy
+  # picks it (`platform.Policy.conv_impl`).
   conv_impl: str = 'xla'
 
   def __post_init__(self):
@@ -101,12 +102,22 @@ def leaky_relu(x: jax.Array, slope: float) -> jax.Array:
   return jnp.where(x >= 0, x, slope * x)
 
 
-def apply_conv(layer, x: jax.Array, fast_fn, conv_impl: str) -> jax.Array:
+def apply_conv(layer, x: jax.Array, forms: dict, conv_impl: str) -> jax.Array:
   """`layer(x)`, or the same function of the same parameters through
-  `fast_fn` (`fast_conv.conv` / `conv_transpose`) when conv_impl says so."""
-  if conv_impl == 'fast':
-    return fast_fn(x, layer.kernel[...], layer.bias[...], dtype=layer.dtype)
+  `forms[conv_impl]` (a `fast_conv` function) when conv_impl is a key of
+  `forms`."""
+  form = forms.get(conv_impl)
+  if form is not None:
+    return form(x, layer.kernel[...], layer.bias[...], dtype=layer.dtype)
   return layer(x)
+
+
+# The forms of each layer kind by conv_impl ('xla' and what is missing: the
+# Flax layer). Under 'cudnn' the strided convs stay Flax's: XLA:GPU already
+# maps them and their gradients to cuDNN's kernels.
+CONV_FORMS = {'fast': fast_conv.conv}
+CONV_TRANSPOSE_FORMS = {'fast': fast_conv.conv_transpose,
+                        'cudnn': fast_conv.conv_transpose_cudnn}
 
 
 class Encoder(nnx.Module):
@@ -129,7 +140,7 @@ class Encoder(nnx.Module):
   def __call__(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
     x = images
     for conv in self.convs:
-      x = leaky_relu(apply_conv(conv, x, fast_conv.conv, self.conv_impl),
+      x = leaky_relu(apply_conv(conv, x, CONV_FORMS, self.conv_impl),
                      self.slope)
     # NHWC flatten; the PyTorch port reorders the dense rows to match it.
     x = x.reshape(x.shape[0], -1)
@@ -159,7 +170,7 @@ class Decoder(nnx.Module):
     x = leaky_relu(self.from_latent(z), self.slope)
     x = x.reshape(z.shape[0], *self.bottleneck_shape)
     for i, deconv in enumerate(self.deconvs):
-      x = apply_conv(deconv, x, fast_conv.conv_transpose, self.conv_impl)
+      x = apply_conv(deconv, x, CONV_TRANSPOSE_FORMS, self.conv_impl)
       if i < len(self.deconvs) - 1:
         x = leaky_relu(x, self.slope)
     return jax.nn.sigmoid(x.astype(jnp.float32))

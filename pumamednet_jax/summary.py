@@ -15,7 +15,6 @@ from absl import flags
 from clu import parameter_overview
 from ml_collections import config_flags
 
-from input_pipeline import pipeline
 from pumamednet_jax import models
 from pumamednet_jax import parallel
 from pumamednet_jax import platform as platform_lib
@@ -89,6 +88,7 @@ def train_flops_per_image(config, model_config, batch_size: int) -> float:
 
 def main(argv):
   del argv
+  from input_pipeline import pipeline  # pylint: disable=g-import-not-at-top
   config = flags.FLAGS.config
   train.check_config(config)
   heads = pipeline.head_specs(pipeline.get_sources(config), config.head_features)

@@ -13,12 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
-from clu import metric_writers
-from clu import periodic_actions
 from PIL import Image
 
 from input_pipeline import heads as heads_lib
-from input_pipeline import pipeline
 from pumamednet_jax import checkpoints
 from pumamednet_jax import defects as defects_lib
 from pumamednet_jax import losses
@@ -55,6 +52,7 @@ class StepConfig:
 
 def check_config(config) -> None:
   """Fails before any compute on a bad config, naming the key."""
+  from input_pipeline import pipeline  # pylint: disable=g-import-not-at-top
   if config.dataset not in pipeline.KNOWN_DATASETS:
     raise ValueError(f'config.dataset: unknown data set {config.dataset!r}; '
                      f'known: {", ".join(pipeline.KNOWN_DATASETS)}')
@@ -261,7 +259,8 @@ def eval_step(params: dict, batch: dict[str, jax.Array], *,
       step_config.policy.inference_chunk(defective.shape))
   ssim = functools.partial(losses.ssim,
                            filter_size=step_config.loss.ssim_filter_size,
-                           filter_sigma=step_config.loss.ssim_filter_sigma)
+                           filter_sigma=step_config.loss.ssim_filter_sigma,
+                           filter_form=step_config.loss.ssim_filter)
   outputs = {
       'valid': batch['valid'],
       'ssim_reconstruction': ssim(reconstruction, clean),
@@ -419,6 +418,13 @@ def _save(manager, state: TrainState, model_config, eval_metrics=None,
 def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   """Trains (resuming from the latest checkpoint in `workdir`) and evaluates;
   returns the final eval metrics."""
+  # TensorFlow (tf.data, clu's summary writers) only here and in check_config:
+  # the steps above run where it is not installed (a GPU benchmark machine).
+  # pylint: disable=g-import-not-at-top
+  from clu import metric_writers
+  from clu import periodic_actions
+  from input_pipeline import pipeline
+  # pylint: enable=g-import-not-at-top
   check_config(config)
   os.makedirs(workdir, exist_ok=True)
   sources = pipeline.get_sources(config)

@@ -4,6 +4,7 @@ is a pure function of the key."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from configs import default
 from pumamednet_jax import defects
@@ -120,3 +121,38 @@ def test_rotation_and_blur_equal_dm_pix():
   for sigma in (0.6, 1.4):
     np.testing.assert_allclose(defects.blur(image, sigma, 11),
                                dm_pix.gaussian_blur(image, sigma, 11), atol=1e-6)
+
+
+def test_equalize_counts_alike_by_scatter_and_by_compare():
+  """Both ways of counting give the same levels, hence the same image."""
+  size = 64
+  images = [
+      smooth_image(7, size),
+      jax.random.uniform(jax.random.key(8), (size, size, 1)),
+      jnp.full((size, size, 1), 0.3),  # one level: left unchanged
+      jnp.zeros((size, size, 1)).at[:5].set(1.0),  # two levels
+      jnp.round(jax.random.uniform(jax.random.key(9), (size, size, 1)) * 3) / 3,
+  ]
+  for image in images:
+    levels = jnp.round(image * 255).astype(jnp.int32)
+    scatter = defects.level_counts(levels, 'scatter')
+    compare = defects.level_counts(levels, 'compare')
+    for a, b in zip(scatter, compare):
+      np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(defects.equalize(image, 'compare'),
+                                  defects.equalize(image, 'scatter'))
+  # Vmapped, as in the train step.
+  batch = jnp.stack(images)
+  np.testing.assert_array_equal(
+      jax.vmap(lambda x: defects.equalize(x, 'compare'))(batch),
+      jax.vmap(lambda x: defects.equalize(x, 'scatter'))(batch))
+
+
+def test_defect_config_reads_and_checks_the_equalize_impl():
+  config = default.get_config()
+  assert defects.DefectConfig.from_config(config).equalize_impl == 'scatter'
+  config.defects.equalize_impl = 'compare'
+  assert defects.DefectConfig.from_config(config).equalize_impl == 'compare'
+  config.defects.equalize_impl = 'sort'
+  with pytest.raises(ValueError, match='config.defects.equalize_impl'):
+    defects.DefectConfig.from_config(config)

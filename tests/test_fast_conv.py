@@ -1,6 +1,7 @@
 """fast_conv computes what the Flax conv layers compute, values and gradients."""
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +15,8 @@ from pumamednet_jax import fast_conv
 from pumamednet_jax import models
 from pumamednet_jax import parallel
 from pumamednet_jax import platform as platform_lib
+from pumamednet_jax import summary
+from pumamednet_jax import train
 
 # Agreement asked of the fast formulation: float32 rounding (summation order)
 # relative to the largest magnitude compared.
@@ -73,6 +76,8 @@ FORMULATIONS = [
     ('conv_transpose', fast_conv.conv_transpose_subpixel, 8, 1),
     ('conv_transpose', fast_conv.conv_transpose_col2im, 6, 4),
     ('conv_transpose', fast_conv.conv_transpose_col2im, 8, 1),
+    ('conv_transpose', fast_conv.conv_transpose_reversed, 6, 4),
+    ('conv_transpose', fast_conv.conv_transpose_reversed, 8, 1),
 ]
 # conv / conv_transpose pick a formulation from the shapes; the model
 # test below runs them at the model's widths (both picks of each).
@@ -104,10 +109,42 @@ def test_formulation_matches_the_flax_layer(kind, formulation, cin, cout):
     assert_close(a, e, name)
 
 
+def decoder_layer_shapes(image_size):
+  """(Cin, Cout, input side) of every decoder layer of the default widths."""
+  config = default.get_config()
+  widths = (*reversed(config.model.channels), 1)
+  side = image_size // 2**models.NUM_STRIDED_LAYERS
+  return [(cin, cout, side * 2**i)
+          for i, (cin, cout) in enumerate(zip(widths[:-1], widths[1:]))]
+
+
+@pytest.mark.parametrize('cin,cout,side', decoder_layer_shapes(256),
+                         ids=lambda v: str(v))
+def test_reversed_filter_form_matches_every_decoder_layer(cin, cout, side):
+  """The accelerator form at the paper preset's decoder shapes (256 px)."""
+  layer = nnx_layer('conv_transpose', cin, cout)
+  keys = jax.random.split(jax.random.key(7), 3)
+  x = jax.random.normal(keys[0], (2, side, side, cin))
+  kernel = layer.kernel[...]
+  bias = jax.random.normal(keys[1], (cout,))
+  graphdef = nnx.graphdef(layer)
+
+  def reference(x, kernel, bias):
+    return nnx.merge(graphdef, {'kernel': kernel, 'bias': bias})(x)
+
+  cotangent = jax.random.normal(keys[2], (2, 2 * side, 2 * side, cout))
+  expected = layer_outputs_and_grads(reference, x, kernel, bias, cotangent)
+  actual = layer_outputs_and_grads(fast_conv.conv_transpose_reversed, x,
+                                   kernel, bias, cotangent)
+  for name, a, e in zip(('output', 'd/dx', 'd/dkernel', 'd/dbias'), actual, expected):
+    assert_close(a, e, name)
+
+
 def test_layers_cast_to_the_compute_dtype_like_flax():
   x = jax.random.uniform(jax.random.key(2), (2, 8, 8, 4))
   for kind, fn in (('conv', fast_conv.conv),
-                   ('conv_transpose', fast_conv.conv_transpose)):
+                   ('conv_transpose', fast_conv.conv_transpose),
+                   ('conv_transpose', fast_conv.conv_transpose_cudnn)):
     layer = nnx_layer(kind, 4, 16, dtype=jnp.bfloat16)
     out = jax.jit(fn, static_argnames='dtype')(
         x, layer.kernel[...], layer.bias[...], dtype=layer.dtype)
@@ -117,8 +154,8 @@ def test_layers_cast_to_the_compute_dtype_like_flax():
                                np.asarray(expected, np.float32), atol=0.05, rtol=0.05)
 
 
-def model_pair(image_size):
-  """The same parameters in a model with lax convolutions and one with fast_conv."""
+def model_pair(image_size, impl='fast'):
+  """The same parameters in a model with lax convolutions and one with `impl`."""
   config = default.get_config()
   heads = (heads_lib.HeadSpec('labels', heads_lib.MULTILABEL, names=('a', 'b', 'c')),
            heads_lib.HeadSpec('sex', heads_lib.BINARY, names=('M', 'F')))
@@ -126,7 +163,7 @@ def model_pair(image_size):
                              image_size=image_size)
   params = models.init_params(dataclasses.replace(base, conv_impl='xla'), 0)
   return (params, dataclasses.replace(base, conv_impl='xla'),
-          dataclasses.replace(base, conv_impl='fast'))
+          dataclasses.replace(base, conv_impl=impl))
 
 
 def model_outputs_and_grads(model_config, params, images, rng):
@@ -144,9 +181,10 @@ def model_outputs_and_grads(model_config, params, images, rng):
   return run(params, images)
 
 
-@pytest.mark.parametrize('image_size', [64])
-def test_model_with_fast_convs_matches_the_flax_layers(image_size):
-  params, plain, fast = model_pair(image_size)
+@pytest.mark.parametrize('impl', ['fast', 'cudnn'])
+def test_model_with_fast_convs_matches_the_flax_layers(impl):
+  image_size = 64
+  params, plain, fast = model_pair(image_size, impl)
   images = jax.random.uniform(jax.random.key(3), (2, image_size, image_size, 1))
   rng = jax.random.key(4)
   expected = model_outputs_and_grads(plain, params, images, rng)
@@ -180,3 +218,68 @@ def test_model_programs_leave_convolutions_to_eigen():
   assert '__ynn_fusion' in default_options  # what the options change
   np.testing.assert_allclose(step(kernel, images), jax.jit(layer)(kernel, images),
                              atol=1e-4, rtol=1e-4)
+
+
+def lowered_train_step(conv_impl):
+  """The StableHLO text of the default config's train step (batch 2)."""
+  config = default.get_config()
+  config.batch_size = 2
+  config.model.conv_impl = conv_impl
+  heads = (heads_lib.HeadSpec('labels', heads_lib.MULTILABEL, names=('a', 'b')),)
+  mesh = parallel.create_mesh()
+  policy = platform_lib.for_mesh(mesh, conv_impl)
+  model_config = models.model_config(config, heads, policy.conv_impl)
+  optimizer = train.create_optimizer(config)
+  train_fn, _, _ = train.make_steps(config, model_config, mesh, optimizer,
+                                    policy)
+  state = parallel.placed(
+      jax.eval_shape(lambda: train.create_train_state(model_config, optimizer, 0)),
+      jax.sharding.NamedSharding(mesh, parallel.REPLICATED))
+  batch = parallel.placed(summary.abstract_batch(config, heads, 2),
+                          jax.sharding.NamedSharding(mesh, parallel.SHARDED))
+  return train_fn.lower(state, batch).as_text()
+
+
+def convolutions(text):
+  """(conv line, {SSA name: defining line} of its function) of every
+  stablehlo.convolution."""
+  found = []
+  for function in text.split('func.func')[1:]:
+    lines = function.splitlines()
+    defined = {line.split('=')[0].strip(): line for line in lines
+               if line.strip().startswith('%') and '=' in line}
+    found += [(line, defined) for line in lines if 'stablehlo.convolution(' in line]
+  return found
+
+
+def lhs_dilated(line):
+  dilation = re.search(r'lhs_dilate = \[([\d, ]+)\]', line)
+  return dilation is not None and set(dilation.group(1).split(', ')) != {'1'}
+
+
+def test_cudnn_train_step_has_the_convolutions_cudnn_takes():
+  """XLA:GPU's conv rewriter maps a kernel gradient to cuDNN's backward-filter
+  kernel only without an input (lhs) dilation, and a dilated-input conv to
+  its backward-data kernel only when the filter is a reverse."""
+  for impl in ('xla', 'cudnn'):
+    convs = convolutions(lowered_train_step(impl))
+    # Kernel gradients: batch and feature swapped, the kernel's shape out.
+    kernel_grads = [line for line, _ in convs
+                    if 'dim_numbers = [f, 0, 1, b]' in line]
+    assert len(kernel_grads) == 12, impl  # 6 convs + 6 transposed convs
+    dilated = [line for line in kernel_grads if lhs_dilated(line)]
+    if impl == 'xla':
+      assert len(dilated) == 6  # the transposed convs' (what the test checks)
+      continue
+    assert not dilated
+    # Input-dilated: the encoder's input gradients (XLA's, reversed filter)
+    # and the transposed convs (reversed behind an optimization barrier).
+    behind_barrier = 0
+    for line, defined in convs:
+      if not lhs_dilated(line):
+        continue
+      rhs = re.search(r'convolution\((%[\w#]+), (%[\w#]+)\)', line).group(2)
+      assert 'stablehlo.reverse' in defined[rhs], defined[rhs]
+      source = re.search(r'stablehlo.reverse (%[\w#]+)', defined[rhs]).group(1)
+      behind_barrier += 'optimization_barrier' in defined.get(source.split('#')[0], '')
+    assert behind_barrier == 6

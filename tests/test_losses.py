@@ -149,7 +149,8 @@ def test_micro_batch_terms_add_up_to_the_whole_batch():
 
 
 @pytest.mark.parametrize('key, value', [('beta', -1.0), ('lung_weight', 0.5),
-                                        ('ssim_weight', -0.1)])
+                                        ('ssim_weight', -0.1),
+                                        ('ssim_filter', 'fft')])
 def test_bad_loss_config_names_the_key(key, value):
   config = default.get_config()
   config.loss[key] = value
@@ -170,3 +171,31 @@ def test_banded_ssim_filter_matches_dm_pix(size):
       grad(lambda x: losses.ssim(x, b, 7, 1.5)),
       grad(lambda x: dm_pix.ssim(x, b, filter_size=7, filter_sigma=1.5)),
       rtol=1e-3, atol=1e-7)
+
+
+@pytest.mark.parametrize('size, filter_size', [(32, 7), (64, 11), (40, 4)])
+def test_separable_ssim_filter_matches_the_banded_one(size, filter_size):
+  """Values and gradients of the SSIM map and of the loss, both forms."""
+  a = random_images(2, (2, size, size, 1))
+  b = jnp.clip(a + 0.2 * random_images(3, (2, size, size, 1)), 0, 1)
+  ssim_map = lambda x, form: losses.ssim(x, b, filter_size, 1.5,
+                                         return_map=True, filter_form=form)
+  np.testing.assert_allclose(ssim_map(a, 'separable'), ssim_map(a, 'banded'),
+                             atol=1e-5)
+  weights = jnp.asarray(losses.lung_weight_map(size, 4.0))
+  loss = lambda x, form: losses.ssim_loss(x, b, weights, filter_size, 1.5, form)
+  np.testing.assert_allclose(loss(a, 'separable'), loss(a, 'banded'), atol=1e-6)
+  grads = {form: jax.jit(jax.grad(loss), static_argnums=1)(a, form)
+           for form in losses.SSIM_FILTERS}
+  scale = float(jnp.abs(grads['banded']).max())
+  np.testing.assert_allclose(grads['separable'], grads['banded'],
+                             atol=1e-5 * scale)
+  with pytest.raises(ValueError, match='ssim filter'):
+    ssim_map(a, 'fft')
+
+
+def test_loss_config_reads_the_ssim_filter():
+  config = default.get_config()
+  assert losses.LossConfig.from_config(config).ssim_filter == 'banded'
+  config.loss.ssim_filter = 'separable'
+  assert losses.LossConfig.from_config(config).ssim_filter == 'separable'
