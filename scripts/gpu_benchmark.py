@@ -214,8 +214,9 @@ def run_torch(config, heads, experiment: Experiment, *, rounds: int,
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError as error:
     return {'skipped': f'torch is not importable ({error})'}
+  platform = platform_lib.for_mesh(parallel.create_mesh()).platform
   try:
-    benchmark.torch_device(torch)
+    benchmark.torch_device(torch, platform)
   except RuntimeError as error:
     return {'skipped': str(error)}
   config = experiment_config(config, experiment, 'xla')
@@ -223,7 +224,7 @@ def run_torch(config, heads, experiment: Experiment, *, rounds: int,
   host_batch = benchmark.synthetic_batch(config, heads, experiment.batch)
   entries = benchmark.TorchEntries(config, model_config,
                                    models.init_params(model_config, config.seed),
-                                   host_batch)
+                                   host_batch, platform)
   return {'images_per_sec': images_per_sec(entries.train_step, experiment.batch,
                                            rounds, steps, min_seconds),
           'torch_version': torch.__version__, 'device': str(entries.device)}
