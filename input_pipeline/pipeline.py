@@ -23,6 +23,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from input_pipeline import labels as labels_lib
+from input_pipeline import preparation
 from pumamednet_jax import heads as heads_lib
 
 # Features that can become heads, in head order.
@@ -108,7 +109,7 @@ def prepare(sources: Sequence[Source] | tfds.core.DatasetBuilder) -> None:
   for source in sources:
     builder = source.builder
     if builder.name in GENERATED_DATASETS:
-      builder.download_and_prepare()
+      preparation.download_and_prepare(builder)
     elif not builder.is_prepared():
       config_name = builder.builder_config.name if builder.builder_config else ''
       raise FileNotFoundError(
