@@ -24,6 +24,7 @@ import tensorflow_datasets as tfds
 
 from input_pipeline import heads as heads_lib
 from input_pipeline import labels as labels_lib
+from input_pipeline import preparation
 
 # Features that can become heads, in head order.
 HEAD_FEATURES = ('labels', 'view', 'sex', 'age', 'label')
@@ -108,7 +109,7 @@ def prepare(sources: Sequence[Source] | tfds.core.DatasetBuilder) -> None:
   for source in sources:
     builder = source.builder
     if builder.name in GENERATED_DATASETS:
-      builder.download_and_prepare()
+      preparation.download_and_prepare(builder)
     elif not builder.is_prepared():
       config_name = builder.builder_config.name if builder.builder_config else ''
       raise FileNotFoundError(

@@ -21,7 +21,8 @@ in --manual_dir), and dtd (downloaded by TFDS's own `dtd` builder; no
     when preparation fails for too many broken files.
 
 Preparing again with the same settings reuses the prepared data (TFDS) and
-rewrites the summary from it.
+rewrites the summary from it. One preparation of a data set version runs at a
+time, and it first removes what killed ones left (`preparation`).
 """
 
 import json
@@ -38,6 +39,7 @@ import tensorflow_datasets as tfds
 from input_pipeline import chestxray14
 from input_pipeline import folders
 from input_pipeline import labels
+from input_pipeline import preparation
 from input_pipeline import quarantine
 
 # Data sets made from the user's files, and those TFDS downloads itself.
@@ -152,7 +154,7 @@ def prepare(dataset: str, *, manual_dir, data_dir, **options) -> dict:
   builder = get_builder(dataset, data_dir=data_dir, **options)
   report_dir.mkdir(parents=True, exist_ok=True)
   try:
-    builder.download_and_prepare(download_config=download_config)
+    preparation.download_and_prepare(builder, download_config)
   except quarantine.TooManyBrokenFilesError as error:
     quarantine.write_csv(error.records, report_dir / 'quarantine.csv')
     raise

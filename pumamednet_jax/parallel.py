@@ -11,6 +11,7 @@ from typing import Any
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -85,3 +86,11 @@ def gather(tree: Any) -> Any:
   if jax.process_count() == 1:
     return jax.device_get(tree)
   return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def wait_for_all_processes(name: str, timeout_s: float) -> None:
+  """A barrier of all processes through the coordination service: no device
+  collective, so nothing times out while one process works alone."""
+  if jax.process_count() == 1:
+    return
+  ocp.multihost.get_barrier_sync_fn()(key=name, timeout_ms=int(timeout_s * 1000))

@@ -5,6 +5,7 @@ import functools
 import math
 import os
 import signal
+from collections.abc import Mapping
 from typing import Any
 
 import flax
@@ -23,9 +24,12 @@ from pumamednet_jax import metrics as metrics_lib
 from pumamednet_jax import models
 from pumamednet_jax import parallel
 from pumamednet_jax import platform as platform_lib
+from pumamednet_jax import preemption as preemption_lib
 
 # Streams of randomness folded into the seed, so train and eval never share.
 TRAIN_STREAM, EVAL_STREAM = 0, 1
+# How long the other processes wait for process 0 to prepare the data sets.
+PREPARE_TIMEOUT_S = 4 * 3600
 
 
 @flax.struct.dataclass
@@ -339,26 +343,40 @@ def write_grid(workdir: str, step: int, grid: np.ndarray) -> str:
   return path
 
 
-class _Preemption:
-  """Turns SIGTERM into a flag that the loop checks after each step."""
+def hparams(config) -> dict[str, bool | int | float | str]:
+  """The whole config as TensorBoard hyperparameters: nested keys dotted
+  ('model.dtype'), tuples, lists and None as strings."""
+  flat = {}
 
-  def __init__(self):
-    self.requested = False
-    self._previous = None
+  def visit(prefix, node):
+    for key, value in node.items():
+      if isinstance(value, Mapping):
+        visit(f'{prefix}{key}.', value)
+      else:
+        flat[f'{prefix}{key}'] = (
+            value if isinstance(value, (bool, int, float, str)) else str(value))
 
-  def __enter__(self):
-    def handler(signum, frame):
-      del signum, frame
-      self.requested = True
-    try:
-      self._previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread: leave signals alone
-      self._previous = None
-    return self
+  visit('', config.to_dict())
+  return flat
 
-  def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+
+def prepared_sources(config) -> tuple[Any, ...]:
+  """The run's data sets (`pipeline.Source`s), prepared once: process 0 prepares them (renders the
+  phantom) while the others wait, then every process opens them. A data
+  directory local to each host is prepared then on each other host, by one of
+  its processes (the others wait for its preparation lock)."""
+  from input_pipeline import pipeline  # pylint: disable=g-import-not-at-top
+  try:
+    if jax.process_index() == 0:
+      pipeline.prepare(pipeline.get_sources(config))
+  finally:
+    # Reached when process 0 fails too: the others then fail on their own
+    # (a real data set not prepared) rather than wait out the timeout.
+    parallel.wait_for_all_processes('pumamednet_data_prepared',
+                                    PREPARE_TIMEOUT_S)
+  sources = pipeline.get_sources(config)
+  pipeline.prepare(sources)
+  return sources
 
 
 def restore_or_init(manager, model_config, optimizer, seed: int, mesh):
@@ -427,8 +445,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   # pylint: enable=g-import-not-at-top
   check_config(config)
   os.makedirs(workdir, exist_ok=True)
-  sources = pipeline.get_sources(config)
-  pipeline.prepare(sources)
+  sources = prepared_sources(config)
   heads = pipeline.head_specs(sources, config.head_features)
   mesh = parallel.create_mesh()
   policy = platform_lib.for_mesh(mesh, config.model.conv_impl)
@@ -443,8 +460,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   is_main = jax.process_index() == 0
   writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
   if start_step == 0:
-    writer.write_hparams({k: v for k, v in config.to_dict().items()
-                          if isinstance(v, (int, float, str, bool))})
+    writer.write_hparams(hparams(config))
   logging.info('model: %d parameters; heads: %s; devices: %d on %d process(es); '
                'starting at step %d of %d', models.count_params_tree(state.params),
                [h.name for h in heads], jax.device_count(), jax.process_count(),
@@ -481,7 +497,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   collection, train_metrics = None, None
   pending = None  # the previous step's metrics, checked one step late
   report = None
-  with _Preemption() as preemption:
+  with preemption_lib.Preemption(manager) as preemption:
     for step in range(start_step + 1, config.num_train_steps + 1):
       with jax.profiler.StepTraceAnnotation('train', step_num=step):
         batch = parallel.shard_batch(next(train_iter), mesh)
@@ -501,12 +517,13 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
         train_metrics = None
       is_eval = step % config.eval_every_steps == 0 or last
       report = run_eval(step) if is_eval else None
-      if (is_eval or step % config.checkpoint_every_steps == 0 or
-          preemption.requested):
-        _save(manager, state, model_config, report, force=preemption.requested)
-      if preemption.requested:
+      preempted = preemption.reached(step)
+      if is_eval or step % config.checkpoint_every_steps == 0 or preempted:
+        _save(manager, state, model_config, report, force=preempted)
+      if preempted:
         manager.wait_until_finished()
-        logging.warning('SIGTERM: saved the checkpoint of step %d; exiting', step)
+        logging.warning('SIGTERM (preemption): saved the checkpoint of step %d; '
+                        'exiting', step)
         writer.flush()
         raise SystemExit(128 + signal.SIGTERM)
     if pending is not None:

@@ -2,15 +2,18 @@
 
 import csv
 import json
+import os
 import pathlib
 import subprocess
 import sys
+import time
 
 import numpy as np
 from PIL import Image
 import pytest
 
 from input_pipeline import prepare
+from input_pipeline import preparation
 from input_pipeline import quarantine
 
 _REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -125,3 +128,56 @@ def test_label_counts_of_sets_without_our_metadata(tmp_path):
                                 image_size=8, validation_fraction=0.2)
   assert prepare._count_labels(builder) == summary['label_counts_per_split']  # pylint: disable=protected-access
   assert summary['label_counts'] == {'banded': 5, 'dotted': 7}
+
+
+def _wait_for(condition, what, process, timeout=120.0):
+  deadline = time.time() + timeout
+  while not condition():
+    assert process.poll() is None, f'exited before {what}'
+    assert time.time() < deadline, f'timed out waiting for {what}'
+    time.sleep(0.05)
+
+
+def test_killed_preparation_is_cleaned_up_by_the_next(tmp_path):
+  manual, data_dir = tmp_path / 'covid3', tmp_path / 'data'
+  rng = np.random.default_rng(2)
+  for class_name in ('COVID-19', 'Pneumonia', 'Normal'):
+    (manual / class_name).mkdir(parents=True)
+    for index in range(4):
+      Image.fromarray(rng.integers(0, 256, (20, 20), np.uint8)).save(
+          manual / class_name / f'{index}.png')
+  # Reading a named pipe blocks until someone writes to it: the first run
+  # stalls inside its preparation, with its incomplete folder on disk.
+  fifo = manual / 'Normal' / 'stall.png'
+  os.mkfifo(fifo)
+  builder = prepare.get_builder('covid3', data_dir=data_dir, image_size=16)
+  other_version = (pathlib.Path(builder.data_dir).parent /
+                   'incomplete.ABC123_0.0.1')
+  other_version.mkdir(parents=True)
+  command = [sys.executable, '-m', 'input_pipeline.prepare',
+             '--dataset=covid3', f'--manual_dir={manual}',
+             f'--data_dir={data_dir}', '--image_size=16', '--num_workers=0']
+  logs = [tmp_path / 'first.log', tmp_path / 'second.log']
+  with open(logs[0], 'w') as log:
+    first = subprocess.Popen(command, cwd=_REPO, stdout=log, stderr=log)
+  try:
+    _wait_for(lambda: preparation.incomplete_dirs(builder),
+              'an incomplete folder', first)
+    (left_behind,) = preparation.incomplete_dirs(builder)
+    with open(logs[1], 'w') as log:
+      second = subprocess.Popen(command, cwd=_REPO, stdout=log, stderr=log)
+    # The second run waits for the live first one and leaves its folder.
+    _wait_for(lambda: 'waiting for the preparation' in logs[1].read_text(),
+              'the second run to wait', second)
+    assert left_behind.is_dir()
+    fifo.unlink()
+    Image.fromarray(rng.integers(0, 256, (20, 20), np.uint8)).save(fifo)
+  finally:
+    first.kill()
+    first.wait()
+  assert second.wait(timeout=300) == 0, logs[1].read_text()[-3000:]
+  assert 'removing' in logs[1].read_text()
+  assert not left_behind.exists() and other_version.is_dir()
+  assert preparation.incomplete_dirs(builder) == []
+  summary = json.loads((data_dir / 'covid3' / 'summary.json').read_text())
+  assert sum(summary['splits'].values()) == 13

@@ -9,6 +9,9 @@ import jax
 import numpy as np
 import optax
 import pytest
+import tensorflow as tf
+from tensorboard.plugins.hparams import metadata as hparams_metadata
+from tensorboard.plugins.hparams import plugin_data_pb2
 
 from configs import default
 from input_pipeline import pipeline
@@ -19,6 +22,19 @@ from pumamednet_jax import parallel
 from pumamednet_jax import platform as platform_lib
 from pumamednet_jax import train
 from e2e_support import REPO_ROOT, config_flags, shrink
+
+
+def logged_hparams(workdir):
+  """The hyperparameters in the TensorBoard events of `workdir`."""
+  (events,) = workdir.glob('events.out.tfevents.*')
+  for event in tf.compat.v1.train.summary_iterator(str(events)):
+    for value in event.summary.value:
+      if value.tag == hparams_metadata.SESSION_START_INFO_TAG:
+        data = plugin_data_pb2.HParamsPluginData.FromString(
+            value.metadata.plugin_data.content)
+        return {key: getattr(hparam, hparam.WhichOneof('kind'))
+                for key, hparam in data.session_start_info.hparams.items()}
+  raise AssertionError(f'no hyperparameters in {events}')
 
 
 def test_train_and_evaluate_writes_checkpoints_events_and_grids(
@@ -36,7 +52,13 @@ def test_train_and_evaluate_writes_checkpoints_events_and_grids(
   saved = sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir()
                  if p.name.isdigit())
   assert saved == [2, 4]
-  assert list(workdir.glob('events.out.tfevents.*'))
+  hparams = logged_hparams(workdir)
+  assert hparams == train.hparams(config)
+  assert hparams['model.dtype'] == 'float32'
+  assert hparams['loss.beta'] == config.loss.beta
+  assert hparams['defects.flip_prob'] == config.defects.flip_prob
+  assert hparams['model.channels'] == '(4, 4, 8, 8, 8, 8)'
+  assert hparams['validation_fraction'] == 'None'
   assert (workdir / 'images' / 'grid_0000004.png').exists()
   model_config, params = checkpoints.load_params(str(workdir))
   assert [h.name for h in model_config.heads] == [
