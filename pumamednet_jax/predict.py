@@ -1,0 +1,554 @@
+r"""Predictions for image files: probabilities, calls, corrected images.
+
+  python -m pumamednet_jax.predict \
+      (--workdir W [--step N] | --weights model.safetensors [--model_config model.json]) \
+      --out DIR [--batch 32] [--explain] [--overwrite] PATH...
+
+PATHs are files or folders, searched recursively for image files (the
+suffixes of `decode.IMAGE_EXTENSIONS`, and DICOM files without a suffix).
+Every file is decoded as data preparation does (`input_pipeline.decode`:
+DICOM windows, MONOCHROME1, colour to luma, padding to a square, Lanczos), in
+worker processes, and the model runs on batches of them, jitted on the
+default device. DIR receives:
+
+  predictions.csv, predictions.json  one row per file: `file`, `error` (why
+      the file could not be read; then no prediction), `warning`,
+      `prob/<head>` (`prob/labels/<Finding>` for the findings, age in years),
+      `call/<Finding>` (1 or 0 at the thresholds of the checkpoint's
+      evaluation report, W/report/{test,validation}/report.json), and
+      `top_finding`; the JSON also describes every column.
+  corrected/<path>.png  the input at the model's size beside its
+      reconstruction; <path> is the file's path below the PATH it was found in.
+  explain/<path>.png  with --explain: latent-shift frames for the top finding.
+
+The exit status is 2 when any file could not be read, 0 otherwise.
+"""
+
+import concurrent.futures
+import csv
+import dataclasses
+import functools
+import io
+import json
+import math
+import os
+import shutil
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pydicom
+from absl import app
+from absl import flags
+from PIL import Image
+
+from input_pipeline import decode
+from input_pipeline import labels as labels_lib
+from pumamednet_jax import checkpoints
+from pumamednet_jax import explain as explain_lib
+from pumamednet_jax import fast_conv
+from pumamednet_jax import heads as heads_lib
+from pumamednet_jax import models
+from pumamednet_jax import torch_convert
+
+CSV_NAME, JSON_NAME = 'predictions.csv', 'predictions.json'
+CORRECTED_DIR, EXPLAIN_DIR = 'corrected', 'explain'
+# Splits whose evaluation report gives thresholds, in order of preference.
+REPORT_SPLITS = ('test', 'validation')
+NO_THRESHOLD = 'no threshold'
+# Warnings: an image whose longer side is this many times smaller than the
+# model's input, or whose sides differ by more than this ratio (chest X-rays
+# are 1 to 1.25; padding wider ones leaves the lungs a smaller part).
+SMALL_FACTOR = 2.0
+ASPECT_LIMIT = 1.5
+
+
+@dataclasses.dataclass(frozen=True)
+class Input:
+  """One input file: its path as found, and the unique name of its outputs."""
+  file: str
+  name: str  # the path below the PATH it was found in
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+  """What predictions need of a checkpoint."""
+  config: models.ModelConfig
+  params: dict
+  source: str
+  thresholds: dict[str, float]  # '<head>/<class>' or '<head>' -> threshold
+  thresholds_source: str | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Summary:
+  """The rows written and how long it took."""
+  rows: list[dict]
+  seconds: float  # end to end, from loading the model to the last write
+  model_seconds: float  # in the compiled model only
+
+  @property
+  def num_failed(self) -> int:
+    return sum(1 for row in self.rows if row['error'])
+
+  @property
+  def num_predicted(self) -> int:
+    return len(self.rows) - self.num_failed
+
+  def line(self) -> str:
+    model_rate = (f'{self.num_predicted / self.model_seconds:.1f}'
+                  if self.model_seconds else '-')
+    return (f'predict: {len(self.rows)} files, {self.num_predicted} predicted, '
+            f'{self.num_failed} failed (reasons in the error column); '
+            f'{len(self.rows) / self.seconds:.1f} files/s end to end, '
+            f'{model_rate} images/s in the model')
+
+
+# --- Inputs and outputs -----------------------------------------------------
+
+
+def find_inputs(paths, exclude: str | None = None) -> list[Input]:
+  """The files of `paths` (folders searched recursively), each once, with
+  unique output names; files under `exclude` (the output folder) are skipped."""
+  inputs, seen, used = [], set(), set()
+  for path in map(os.fspath, paths):
+    if os.path.isdir(path):
+      found = [(file, os.path.relpath(file, path))
+               for file in _folder_files(path, exclude)]
+    else:
+      found = [(path, os.path.basename(path))]
+    for file, name in found:
+      if os.path.abspath(file) in seen:
+        continue
+      seen.add(os.path.abspath(file))
+      inputs.append(Input(file, _unique(name, used)))
+  return inputs
+
+
+def _folder_files(folder: str, exclude: str | None):
+  excluded = os.path.abspath(exclude) if exclude else None
+  for root, dirs, files in os.walk(folder):
+    dirs[:] = sorted(d for d in dirs if not d.startswith('.') and
+                     os.path.abspath(os.path.join(root, d)) != excluded)
+    for name in sorted(files):
+      file = os.path.join(root, name)
+      if not name.startswith('.') and (decode.is_image_file(name) or (
+          '.' not in name and _has_dicom_magic(file))):
+        yield file
+
+
+def _has_dicom_magic(path: str) -> bool:
+  try:
+    with open(path, 'rb') as file:
+      return file.read(132)[128:] == b'DICM'
+  except OSError:
+    return False
+
+
+def _unique(name: str, used: set[str]) -> str:
+  """`name`, or `name~2`, `name~3`, ... when another input has it."""
+  unique, number = name, 1
+  while unique.lower() in used:
+    number += 1
+    unique = f'{name}~{number}'
+  used.add(unique.lower())
+  return unique
+
+
+def check_output_dir(out: str, overwrite: bool) -> None:
+  """Refuses a folder with results unless `overwrite` (then removes them)."""
+  results = [os.path.join(out, name) for name in
+             (CSV_NAME, JSON_NAME, CORRECTED_DIR, EXPLAIN_DIR)
+             if os.path.lexists(os.path.join(out, name))]
+  if results and not overwrite:
+    raise FileExistsError(f'{out} already holds results ({", ".join(results)})'
+                          '; choose another --out or pass --overwrite')
+  for path in results:
+    if os.path.isdir(path) and not os.path.islink(path):
+      shutil.rmtree(path)
+    else:
+      os.remove(path)
+  os.makedirs(out, exist_ok=True)
+
+
+def source_warning(path: str, image_size: int) -> str:
+  """Why the decoded image may be a poor input (from the file's header)."""
+  size = _source_size(path)
+  if size is None:
+    return ''
+  height, width = size
+  warnings = []
+  if image_size / max(height, width) > SMALL_FACTOR:
+    warnings.append(f'{width}x{height} px is far smaller than the model\'s '
+                    f'{image_size} px (upscaled '
+                    f'{image_size / max(height, width):.1f}x)')
+  if max(height, width) / max(min(height, width), 1) > ASPECT_LIMIT:
+    warnings.append(f'{width}x{height} px is strongly non-square (padded with '
+                    'black to a square)')
+  return '; '.join(warnings)
+
+
+def _source_size(path: str) -> tuple[int, int] | None:
+  """(height, width) from the header of a file that decoded."""
+  try:
+    with open(path, 'rb') as file:
+      head = file.read(132)
+    if head[128:] == b'DICM' or path.lower().endswith(('.dcm', '.dicom')):
+      dataset = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+      return int(dataset.Rows), int(dataset.Columns)
+    with Image.open(path) as image:
+      return image.height, image.width
+  except Exception:  # pylint: disable=broad-except
+    return None  # The size only informs a warning; the image decoded.
+
+
+def decoded(inputs: list[Input], image_size: int, num_workers: int | None):
+  """Yields (input, (S, S) uint8 image or None, error reason or '')."""
+  files = [item.file for item in inputs]
+  results = decode.prepare_files(files, image_size, num_workers)
+  for item, (_, png, reason) in zip(inputs, results):
+    if png is None:
+      yield item, None, reason
+    else:
+      yield item, np.asarray(Image.open(io.BytesIO(png))), ''
+
+
+# --- The model --------------------------------------------------------------
+
+
+def load_model(*, workdir: str | None = None, step: int | None = None,
+               weights: str | None = None, model_config: str | None = None,
+               report: str | None = None) -> Model:
+  """A checkpoint (`workdir`, `step`) or exported weights (`weights`), with
+  the thresholds of `report` or else of the workdir's evaluation report."""
+  if (workdir is None) == (weights is None):
+    raise ValueError('give either --workdir or --weights')
+  if weights is not None:
+    if step is not None:
+      raise ValueError('--step goes with --workdir, not --weights')
+    config, params = torch_convert.load_safetensors(weights, model_config)
+    source = weights
+  else:
+    if model_config is not None:
+      raise ValueError('--model_config goes with --weights, not --workdir')
+    config, params = checkpoints.load_params(workdir, step)
+    source = checkpoints.checkpoint_dir(workdir)
+  if report is None and workdir is not None:
+    report = next((path for path in (
+        os.path.join(workdir, 'report', split, 'report.json')
+        for split in REPORT_SPLITS) if os.path.exists(path)), None)
+  thresholds = load_thresholds(report) if report else {}
+  return Model(config, jax.device_put(params), source, thresholds, report)
+
+
+def load_thresholds(path: str) -> dict[str, float]:
+  """{head name: threshold} of an evaluation report's `heads`."""
+  try:
+    with open(path) as file:
+      heads = json.load(file)['heads']
+    return {name: float(head['threshold']) for name, head in heads.items()
+            if head.get('threshold') is not None and
+            math.isfinite(float(head['threshold']))}
+  except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+    raise ValueError(f'{path}: cannot read thresholds from the evaluation '
+                     f'report ({error!r})') from None
+
+
+def _jit(fn):
+  """jax.jit with the platform's compiler options (as the train and eval
+  steps); the model functions chunk their batch on the CPU themselves."""
+  return jax.jit(fn, compiler_options=fast_conv.compiler_options())
+
+
+def model_outputs(params: dict, images: jax.Array, *,
+                  model_config: models.ModelConfig):
+  """(B, S, S) reconstructions and {head: scores} of (B, S, S) uint8 images,
+  computed as the eval step does (z = mu; chunks on the CPU)."""
+  model = models.bind(model_config, params)
+  inputs = images[..., None].astype(jnp.float32) / 255.0
+  reconstruction, head_outputs, _ = models.in_chunks(
+      lambda x: model(x, train=False), inputs)
+  scores = {head.name: models.head_scores(head, head_outputs[head.name])
+            for head in model_config.heads}
+  return reconstruction[..., 0], scores
+
+
+def _compile(model: Model, batch_size: int, explain: bool):
+  """The compiled predict function (and the explain function, or None)."""
+  size = model.config.image_size
+  predict_fn = _jit(functools.partial(
+      model_outputs, model_config=model.config)).lower(
+          model.params, jax.ShapeDtypeStruct((batch_size, size, size),
+                                             jnp.uint8)).compile()
+  finding_head = _finding_head(model.config.heads)
+  if not explain or finding_head is None:
+    return predict_fn, None
+  explain_fn = _jit(functools.partial(
+      explain_lib.latent_shift, model_config=model.config, head=finding_head))
+  return predict_fn, explain_fn
+
+
+# --- Columns ----------------------------------------------------------------
+
+
+def _finding_head(heads) -> heads_lib.HeadSpec | None:
+  """The head whose classes are findings: multi-label, else multi-class."""
+  for kind in (heads_lib.MULTILABEL, heads_lib.MULTICLASS):
+    for head in heads:
+      if head.kind == kind:
+        return head
+  return None
+
+
+def prob_columns(heads) -> list[tuple[str, str, int | None, str]]:
+  """(column, head name, class index or None, description) per output."""
+  columns = []
+  for head in heads:
+    if head.kind in (heads_lib.MULTILABEL, heads_lib.MULTICLASS):
+      columns += [(f'prob/{head.name}/{name}', head.name, i,
+                   f'probability of {name!r}') for i, name in
+                  enumerate(head.names)]
+    elif head.kind == heads_lib.BINARY:
+      names = head.names or ('0', '1')
+      columns.append((f'prob/{head.name}', head.name, None,
+                      f'probability of {names[-1]!r} (vs {names[0]!r})'))
+    else:
+      units = 'years' if head.name == 'age' else 'target units'
+      columns.append((f'prob/{head.name}', head.name, None,
+                      f'predicted value ({units}), not a probability'))
+  return columns
+
+
+def call_columns(heads, thresholds) -> list[tuple[str, str, int, float | None]]:
+  """(column, head name, class index, threshold or None) per finding."""
+  columns = []
+  for head in heads:
+    if head.kind == heads_lib.MULTILABEL:
+      columns += [(f'call/{name}', head.name, i,
+                   thresholds.get(f'{head.name}/{name}'))
+                  for i, name in enumerate(head.names)]
+  return columns
+
+
+def column_descriptions(model: Model, explain: bool) -> dict[str, str]:
+  heads = model.config.heads
+  descriptions = {
+      'file': 'the input file',
+      'error': 'why the file could not be read (then it has no prediction)',
+      'warning': 'why the image may be a poor input',
+  }
+  descriptions.update({column: text
+                       for column, _, _, text in prob_columns(heads)})
+  for column, _, _, threshold in call_columns(heads, model.thresholds):
+    descriptions[column] = (
+        f'1 if the probability is >= {threshold:.6g} ({model.thresholds_source})'
+        if threshold is not None else
+        f'{NO_THRESHOLD}: the checkpoint has no evaluation report with one')
+  descriptions['top_finding'] = (
+      'the finding with the highest probability (No Finding excluded); '
+      'not a diagnosis')
+  descriptions['corrected'] = (f'input | reconstruction, under {CORRECTED_DIR}/')
+  if explain:
+    descriptions['explanation'] = (
+        f'latent-shift frames of the top finding, under {EXPLAIN_DIR}/')
+  return descriptions
+
+
+def prediction_row(model: Model, scores: dict[str, np.ndarray]) -> dict:
+  """The prob, call and top_finding values of one image's scores."""
+  row = {}
+  for column, head, index, _ in prob_columns(model.config.heads):
+    value = scores[head] if index is None else scores[head][index]
+    row[column] = float(value)
+  for column, head, index, threshold in call_columns(model.config.heads,
+                                                     model.thresholds):
+    row[column] = (NO_THRESHOLD if threshold is None else
+                   int(scores[head][index] >= threshold))
+  row['top_finding'] = ''
+  head = _finding_head(model.config.heads)
+  if head is not None:
+    candidates = [i for i, name in enumerate(head.names)
+                  if name != labels_lib.NO_FINDING]
+    row['top_finding'] = head.names[max(candidates,
+                                        key=lambda i: scores[head.name][i])]
+  return row
+
+
+# --- The run ----------------------------------------------------------------
+
+
+def predict(paths, out: str, *, workdir: str | None = None,
+            step: int | None = None, weights: str | None = None,
+            model_config: str | None = None, report: str | None = None,
+            batch_size: int = 32, explain: bool = False,
+            overwrite: bool = False, num_workers: int | None = None) -> Summary:
+  """Predicts every image file of `paths` and writes the results to `out`.
+
+  Args:
+    paths: files and folders (searched recursively).
+    out: the output folder (see the module docstring).
+    workdir, step: a training run's checkpoint (default: the latest step).
+    weights, model_config: or exported safetensors weights and their JSON.
+    report: an evaluation report whose thresholds give the calls (default:
+      the workdir's, test split first).
+    batch_size: images per model call.
+    explain: also write latent-shift explanations of the top finding.
+    overwrite: replace the results that `out` already holds.
+    num_workers: decoding processes (None: one per CPU core; 0: none).
+
+  Returns:
+    The rows written and the timings.
+  """
+  start = time.perf_counter()
+  if batch_size < 1:
+    raise ValueError(f'--batch must be positive, got {batch_size}')
+  inputs = find_inputs(paths, exclude=out)
+  if not inputs:
+    raise ValueError(f'no image files in {", ".join(map(str, paths))}')
+  check_output_dir(out, overwrite)
+  model = load_model(workdir=workdir, step=step, weights=weights,
+                     model_config=model_config, report=report)
+  batch_size = min(batch_size, len(inputs))
+  size = model.config.image_size
+  rows: dict[Input, dict] = {}
+  model_seconds = 0.0
+  with concurrent.futures.ThreadPoolExecutor(1) as executor:
+    # Compiling overlaps the start of the decoding workers.
+    compiled = executor.submit(_compile, model, batch_size, explain)
+    pending = []
+
+    def run_batch():
+      nonlocal model_seconds
+      predict_fn, explain_fn = compiled.result()
+      images = np.zeros((batch_size, size, size), np.uint8)
+      images[:len(pending)] = [image for _, image, _ in pending]
+      begin = time.perf_counter()
+      reconstructions, scores = jax.device_get(predict_fn(model.params, images))
+      model_seconds += time.perf_counter() - begin
+      for i, (item, image, warning) in enumerate(pending):
+        mine = {name: values[i] for name, values in scores.items()}
+        rows[item] = _write_outputs(out, item, image, reconstructions[i], mine,
+                                    warning, model, explain_fn)
+      pending.clear()
+
+    for item, image, reason in decoded(inputs, size, num_workers):
+      if image is None:
+        rows[item] = {'file': item.file, 'error': reason, 'warning': ''}
+        continue
+      pending.append((item, image, source_warning(item.file, size)))
+      if len(pending) == batch_size:
+        run_batch()
+    if pending:
+      run_batch()
+    compiled.result()  # Raises a compile error even when nothing decoded.
+  ordered = [rows[item] for item in inputs]
+  write_tables(out, ordered, model, explain)
+  return Summary(ordered, time.perf_counter() - start, model_seconds)
+
+
+def _write_outputs(out: str, item: Input, image: np.ndarray,
+                   reconstruction: np.ndarray, scores: dict[str, np.ndarray],
+                   warning: str, model: Model, explain_fn) -> dict:
+  """One image's row; writes its corrected image (and its explanation)."""
+  if not all(np.all(np.isfinite(values)) for values in scores.values()):
+    return {'file': item.file, 'warning': warning,
+            'error': 'the model\'s output is not finite (NaN or inf)'}
+  row = {'file': item.file, 'error': '', 'warning': warning}
+  row.update(prediction_row(model, scores))
+  corrected = np.clip(np.rint(reconstruction * 255.0), 0, 255).astype(np.uint8)
+  row['corrected'] = _write_png(
+      out, CORRECTED_DIR, item.name, np.concatenate([image, corrected], axis=1))
+  if explain_fn is not None:
+    head = _finding_head(model.config.heads)
+    index = head.names.index(row['top_finding'])
+    frames, probabilities, probability = jax.device_get(explain_fn(
+        model.params, image.astype(np.float32) / 255.0, np.int32(index)))
+    path = os.path.join(out, EXPLAIN_DIR, item.name + '.png')
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    explain_lib.write_strip(path, image / 255.0, frames, probabilities,
+                            float(probability), row['top_finding'])
+    row['explanation'] = os.path.relpath(path, out)
+  return row
+
+
+def _write_png(out: str, folder: str, name: str, image: np.ndarray) -> str:
+  path = os.path.join(out, folder, name + '.png')
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, 'wb') as file:
+    file.write(decode.encode_png(image))
+  return os.path.relpath(path, out)
+
+
+def write_tables(out: str, rows: list[dict], model: Model,
+                 explain: bool) -> None:
+  """predictions.csv (empty cells where a file has no value) and
+  predictions.json (nulls, and a description of every column)."""
+  descriptions = column_descriptions(model, explain)
+  columns = list(descriptions)
+  with open(os.path.join(out, CSV_NAME), 'w', newline='') as file:
+    writer = csv.DictWriter(file, columns)
+    writer.writeheader()
+    for row in rows:
+      writer.writerow({column: row.get(column, '') for column in columns})
+  document = {
+      'model': {'source': model.source,
+                'image_size': model.config.image_size,
+                'heads': [head.to_json() for head in model.config.heads]},
+      'thresholds': model.thresholds_source,
+      'columns': descriptions,
+      'predictions': [{column: row.get(column) for column in columns}
+                      for row in rows],
+  }
+  with open(os.path.join(out, JSON_NAME), 'w') as file:
+    json.dump(document, file, indent=1)
+    file.write('\n')
+
+
+# --- Command line -----------------------------------------------------------
+
+_WORKDIR = flags.DEFINE_string('workdir', None,
+                               'Training directory whose checkpoint predicts.')
+_STEP = flags.DEFINE_integer('step', None,
+                             'Checkpoint step (default: the latest).')
+_WEIGHTS = flags.DEFINE_string(
+    'weights', None, 'Exported weights (model.safetensors), instead of '
+    '--workdir.')
+_MODEL_CONFIG = flags.DEFINE_string(
+    'model_config', None, 'Architecture JSON of --weights (default: beside '
+    'them, model.json).')
+_REPORT = flags.DEFINE_string(
+    'report', None, 'Evaluation report.json whose thresholds give the calls '
+    '(default: W/report/test/report.json, else validation).')
+_OUT = flags.DEFINE_string('out', None, 'Output folder.')
+_BATCH = flags.DEFINE_integer('batch', 32, 'Images per model call.')
+_EXPLAIN = flags.DEFINE_bool(
+    'explain', False, 'Also write latent-shift explanations of the top finding.')
+_OVERWRITE = flags.DEFINE_bool(
+    'overwrite', False, 'Replace the results that --out already holds.')
+_WORKERS = flags.DEFINE_integer(
+    'workers', None, 'Decoding processes (default: one per CPU core; 0: '
+    'decode in this process).')
+flags.mark_flags_as_required(['out'])
+
+
+def main(argv):
+  if len(argv) < 2:
+    raise app.UsageError('give the image files or folders to predict')
+  try:
+    summary = predict(
+        argv[1:], _OUT.value, workdir=_WORKDIR.value, step=_STEP.value,
+        weights=_WEIGHTS.value, model_config=_MODEL_CONFIG.value,
+        report=_REPORT.value, batch_size=_BATCH.value,
+        explain=_EXPLAIN.value, overwrite=_OVERWRITE.value,
+        num_workers=_WORKERS.value)
+  except (ValueError, FileNotFoundError, FileExistsError) as error:
+    print(f'predict: {error}', file=sys.stderr)
+    return 1
+  print(summary.line())
+  return 2 if summary.num_failed else 0
+
+
+if __name__ == '__main__':
+  app.run(main)
