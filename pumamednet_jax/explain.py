@@ -61,7 +61,8 @@ def write_strip(path: str, image: np.ndarray, frames: np.ndarray,
                 finding: str, shifts=SHIFTS) -> None:
   """Writes the input and its frames side by side, probabilities below."""
   num_panels = 1 + len(frames)
-  fig = figure.Figure(figsize=(1.7 * num_panels, 2.4), dpi=120)
+  fig = figure.Figure(figsize=(1.7 * num_panels, 2.5), dpi=120,
+                      layout='constrained')
   axes = fig.subplots(1, num_panels)
   panels = [(image, f'input\np = {image_probability:.3f}')] + [
       (frame, f'λ = {shift:+g}\np = {p:.3f}')
@@ -72,5 +73,4 @@ def write_strip(path: str, image: np.ndarray, frames: np.ndarray,
     ax.set_yticks([])
     ax.set_xlabel(caption, fontsize=9)
   fig.suptitle(f'{finding}: latent shift z + λ·∂p/∂z / |∂p/∂z|', fontsize=10)
-  fig.tight_layout()
   fig.savefig(path)

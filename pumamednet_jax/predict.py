@@ -25,12 +25,9 @@ The exit status is 2 when any file could not be read, 0 otherwise.
 """
 
 import concurrent.futures
-import csv
 import dataclasses
 import functools
 import io
-import json
-import math
 import os
 import shutil
 import sys
@@ -42,22 +39,20 @@ import numpy as np
 import pydicom
 from absl import app
 from absl import flags
+from absl import logging
 from PIL import Image
 
 from input_pipeline import decode
-from input_pipeline import labels as labels_lib
 from pumamednet_jax import checkpoints
 from pumamednet_jax import explain as explain_lib
 from pumamednet_jax import fast_conv
-from pumamednet_jax import heads as heads_lib
 from pumamednet_jax import models
+from pumamednet_jax import prediction_table as table
 from pumamednet_jax import torch_convert
 
-CSV_NAME, JSON_NAME = 'predictions.csv', 'predictions.json'
 CORRECTED_DIR, EXPLAIN_DIR = 'corrected', 'explain'
 # Splits whose evaluation report gives thresholds, in order of preference.
 REPORT_SPLITS = ('test', 'validation')
-NO_THRESHOLD = 'no threshold'
 # Warnings: an image whose longer side is this many times smaller than the
 # model's input, or whose sides differ by more than this ratio (chest X-rays
 # are 1 to 1.25; padding wider ones leaves the lungs a smaller part).
@@ -160,7 +155,7 @@ def _unique(name: str, used: set[str]) -> str:
 def check_output_dir(out: str, overwrite: bool) -> None:
   """Refuses a folder with results unless `overwrite` (then removes them)."""
   results = [os.path.join(out, name) for name in
-             (CSV_NAME, JSON_NAME, CORRECTED_DIR, EXPLAIN_DIR)
+             (table.CSV_NAME, table.JSON_NAME, CORRECTED_DIR, EXPLAIN_DIR)
              if os.path.lexists(os.path.join(out, name))]
   if results and not overwrite:
     raise FileExistsError(f'{out} already holds results ({", ".join(results)})'
@@ -239,21 +234,8 @@ def load_model(*, workdir: str | None = None, step: int | None = None,
     report = next((path for path in (
         os.path.join(workdir, 'report', split, 'report.json')
         for split in REPORT_SPLITS) if os.path.exists(path)), None)
-  thresholds = load_thresholds(report) if report else {}
+  thresholds = table.load_thresholds(report) if report else {}
   return Model(config, jax.device_put(params), source, thresholds, report)
-
-
-def load_thresholds(path: str) -> dict[str, float]:
-  """{head name: threshold} of an evaluation report's `heads`."""
-  try:
-    with open(path) as file:
-      heads = json.load(file)['heads']
-    return {name: float(head['threshold']) for name, head in heads.items()
-            if head.get('threshold') is not None and
-            math.isfinite(float(head['threshold']))}
-  except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
-    raise ValueError(f'{path}: cannot read thresholds from the evaluation '
-                     f'report ({error!r})') from None
 
 
 def _jit(fn):
@@ -282,98 +264,12 @@ def _compile(model: Model, batch_size: int, explain: bool):
       model_outputs, model_config=model.config)).lower(
           model.params, jax.ShapeDtypeStruct((batch_size, size, size),
                                              jnp.uint8)).compile()
-  finding_head = _finding_head(model.config.heads)
+  finding_head = table.finding_head(model.config.heads)
   if not explain or finding_head is None:
     return predict_fn, None
   explain_fn = _jit(functools.partial(
       explain_lib.latent_shift, model_config=model.config, head=finding_head))
   return predict_fn, explain_fn
-
-
-# --- Columns ----------------------------------------------------------------
-
-
-def _finding_head(heads) -> heads_lib.HeadSpec | None:
-  """The head whose classes are findings: multi-label, else multi-class."""
-  for kind in (heads_lib.MULTILABEL, heads_lib.MULTICLASS):
-    for head in heads:
-      if head.kind == kind:
-        return head
-  return None
-
-
-def prob_columns(heads) -> list[tuple[str, str, int | None, str]]:
-  """(column, head name, class index or None, description) per output."""
-  columns = []
-  for head in heads:
-    if head.kind in (heads_lib.MULTILABEL, heads_lib.MULTICLASS):
-      columns += [(f'prob/{head.name}/{name}', head.name, i,
-                   f'probability of {name!r}') for i, name in
-                  enumerate(head.names)]
-    elif head.kind == heads_lib.BINARY:
-      names = head.names or ('0', '1')
-      columns.append((f'prob/{head.name}', head.name, None,
-                      f'probability of {names[-1]!r} (vs {names[0]!r})'))
-    else:
-      units = 'years' if head.name == 'age' else 'target units'
-      columns.append((f'prob/{head.name}', head.name, None,
-                      f'predicted value ({units}), not a probability'))
-  return columns
-
-
-def call_columns(heads, thresholds) -> list[tuple[str, str, int, float | None]]:
-  """(column, head name, class index, threshold or None) per finding."""
-  columns = []
-  for head in heads:
-    if head.kind == heads_lib.MULTILABEL:
-      columns += [(f'call/{name}', head.name, i,
-                   thresholds.get(f'{head.name}/{name}'))
-                  for i, name in enumerate(head.names)]
-  return columns
-
-
-def column_descriptions(model: Model, explain: bool) -> dict[str, str]:
-  heads = model.config.heads
-  descriptions = {
-      'file': 'the input file',
-      'error': 'why the file could not be read (then it has no prediction)',
-      'warning': 'why the image may be a poor input',
-  }
-  descriptions.update({column: text
-                       for column, _, _, text in prob_columns(heads)})
-  for column, _, _, threshold in call_columns(heads, model.thresholds):
-    descriptions[column] = (
-        f'1 if the probability is >= {threshold:.6g} ({model.thresholds_source})'
-        if threshold is not None else
-        f'{NO_THRESHOLD}: the checkpoint has no evaluation report with one')
-  descriptions['top_finding'] = (
-      'the finding with the highest probability (No Finding excluded); '
-      'not a diagnosis')
-  descriptions['corrected'] = (f'input | reconstruction, under {CORRECTED_DIR}/')
-  if explain:
-    descriptions['explanation'] = (
-        f'latent-shift frames of the top finding, under {EXPLAIN_DIR}/')
-  return descriptions
-
-
-def prediction_row(model: Model, scores: dict[str, np.ndarray]) -> dict:
-  """The prob, call and top_finding values of one image's scores."""
-  row = {}
-  for column, head, index, _ in prob_columns(model.config.heads):
-    value = scores[head] if index is None else scores[head][index]
-    row[column] = float(value)
-  for column, head, index, threshold in call_columns(model.config.heads,
-                                                     model.thresholds):
-    row[column] = (NO_THRESHOLD if threshold is None else
-                   int(scores[head][index] >= threshold))
-  row['top_finding'] = ''
-  head = _finding_head(model.config.heads)
-  if head is not None:
-    candidates = [i for i, name in enumerate(head.names)
-                  if name != labels_lib.NO_FINDING]
-    row['top_finding'] = head.names[max(candidates,
-                                        key=lambda i: scores[head.name][i])]
-  return row
 
 
 # --- The run ----------------------------------------------------------------
@@ -444,7 +340,18 @@ def predict(paths, out: str, *, workdir: str | None = None,
       run_batch()
     compiled.result()  # Raises a compile error even when nothing decoded.
   ordered = [rows[item] for item in inputs]
-  write_tables(out, ordered, model, explain)
+  outputs = {'corrected': f'input | reconstruction, under {CORRECTED_DIR}/'}
+  if explain:
+    outputs['explanation'] = (
+        f'latent-shift frames of the top finding, under {EXPLAIN_DIR}/')
+  table.write_tables(
+      out, ordered, table.column_descriptions(
+          model.config.heads, model.thresholds, model.thresholds_source,
+          outputs),
+      {'model': {'source': model.source,
+                 'image_size': model.config.image_size,
+                 'heads': [head.to_json() for head in model.config.heads]},
+       'thresholds': model.thresholds_source})
   return Summary(ordered, time.perf_counter() - start, model_seconds)
 
 
@@ -456,12 +363,13 @@ def _write_outputs(out: str, item: Input, image: np.ndarray,
     return {'file': item.file, 'warning': warning,
             'error': 'the model\'s output is not finite (NaN or inf)'}
   row = {'file': item.file, 'error': '', 'warning': warning}
-  row.update(prediction_row(model, scores))
+  row.update(table.prediction_row(model.config.heads, model.thresholds,
+                                  scores))
   corrected = np.clip(np.rint(reconstruction * 255.0), 0, 255).astype(np.uint8)
   row['corrected'] = _write_png(
       out, CORRECTED_DIR, item.name, np.concatenate([image, corrected], axis=1))
   if explain_fn is not None:
-    head = _finding_head(model.config.heads)
+    head = table.finding_head(model.config.heads)
     index = head.names.index(row['top_finding'])
     frames, probabilities, probability = jax.device_get(explain_fn(
         model.params, image.astype(np.float32) / 255.0, np.int32(index)))
@@ -479,31 +387,6 @@ def _write_png(out: str, folder: str, name: str, image: np.ndarray) -> str:
   with open(path, 'wb') as file:
     file.write(decode.encode_png(image))
   return os.path.relpath(path, out)
-
-
-def write_tables(out: str, rows: list[dict], model: Model,
-                 explain: bool) -> None:
-  """predictions.csv (empty cells where a file has no value) and
-  predictions.json (nulls, and a description of every column)."""
-  descriptions = column_descriptions(model, explain)
-  columns = list(descriptions)
-  with open(os.path.join(out, CSV_NAME), 'w', newline='') as file:
-    writer = csv.DictWriter(file, columns)
-    writer.writeheader()
-    for row in rows:
-      writer.writerow({column: row.get(column, '') for column in columns})
-  document = {
-      'model': {'source': model.source,
-                'image_size': model.config.image_size,
-                'heads': [head.to_json() for head in model.config.heads]},
-      'thresholds': model.thresholds_source,
-      'columns': descriptions,
-      'predictions': [{column: row.get(column) for column in columns}
-                      for row in rows],
-  }
-  with open(os.path.join(out, JSON_NAME), 'w') as file:
-    json.dump(document, file, indent=1)
-    file.write('\n')
 
 
 # --- Command line -----------------------------------------------------------
@@ -536,6 +419,8 @@ flags.mark_flags_as_required(['out'])
 def main(argv):
   if len(argv) < 2:
     raise app.UsageError('give the image files or folders to predict')
+  if not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every restore step.
   try:
     summary = predict(
         argv[1:], _OUT.value, workdir=_WORKDIR.value, step=_STEP.value,

@@ -25,6 +25,7 @@ from pumamednet_jax import losses
 from pumamednet_jax import models
 from pumamednet_jax import parallel
 from pumamednet_jax import predict
+from pumamednet_jax import prediction_table
 from pumamednet_jax import torch_convert
 from pumamednet_jax import train
 from e2e_support import REPO_ROOT, shrink
@@ -125,7 +126,7 @@ def test_acceptance_folder_from_the_command_line(workdir, acceptance_dir,
                     probabilities(rows[REAL_DICOM])).max()
   assert fake_gap > 1e-4
   # No evaluation report: the calls say so.
-  assert rows[REAL_PNG]['call/Cardiomegaly'] == predict.NO_THRESHOLD
+  assert rows[REAL_PNG]['call/Cardiomegaly'] == prediction_table.NO_THRESHOLD
   document = json.loads((out / 'predictions.json').read_text())
   assert len(document['predictions']) == 6
   assert document['predictions'][0].keys() == rows[REAL_PNG].keys()
@@ -256,7 +257,7 @@ def test_thresholds_of_the_evaluation_report_give_calls(
   calls = [row['call/Effusion'] for row in second.rows]
   assert sorted(calls) == [0, 1]
   assert calls[0] == int(png['prob/labels/Effusion'] >= middle)
-  assert second.rows[0]['call/Cardiomegaly'] == predict.NO_THRESHOLD
+  assert second.rows[0]['call/Cardiomegaly'] == prediction_table.NO_THRESHOLD
 
 
 def test_explain_writes_latent_shift_strips(workdir, acceptance_dir, tmp_path):
