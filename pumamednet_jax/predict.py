@@ -303,9 +303,9 @@ def predict(paths, out: str, *, workdir: str | None = None,
   inputs = find_inputs(paths, exclude=out)
   if not inputs:
     raise ValueError(f'no image files in {", ".join(map(str, paths))}')
-  check_output_dir(out, overwrite)
   model = load_model(workdir=workdir, step=step, weights=weights,
                      model_config=model_config, report=report)
+  check_output_dir(out, overwrite)  # After loading: a bad model keeps them.
   batch_size = min(batch_size, len(inputs))
   size = model.config.image_size
   rows: dict[Input, dict] = {}
