@@ -261,6 +261,15 @@ class PumaMedNet(nnx.Module):
     return self.decode(z), self.classify(z), {'mu': mu, 'logvar': logvar, 'z': z}
 
 
+def head_scores(head: heads_lib.HeadSpec, output: jax.Array) -> jax.Array:
+  """Probabilities (or the regression value in the target's units)."""
+  if head.kind == heads_lib.MULTICLASS:
+    return jax.nn.softmax(output, axis=-1)
+  if head.kind == heads_lib.REGRESSION:
+    return output * head.scale
+  return jax.nn.sigmoid(output)
+
+
 def model_config(config, heads: Sequence[heads_lib.HeadSpec],
                  conv_impl: str) -> ModelConfig:
   """The ModelConfig of an ml_collections config and the data set's heads,

@@ -239,15 +239,6 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *,
   return new_state, step_metrics
 
 
-def head_scores(head: heads_lib.HeadSpec, output: jax.Array) -> jax.Array:
-  """Probabilities (or the regression value in the target's units)."""
-  if head.kind == heads_lib.MULTICLASS:
-    return jax.nn.softmax(output, axis=-1)
-  if head.kind == heads_lib.REGRESSION:
-    return output * head.scale
-  return jax.nn.sigmoid(output)
-
-
 def eval_step(params: dict, batch: dict[str, jax.Array], *,
               step_config: StepConfig) -> dict[str, jax.Array]:
   """Per-example eval outputs, written per device (call it inside shard_map).
@@ -272,7 +263,8 @@ def eval_step(params: dict, batch: dict[str, jax.Array], *,
   }
   for head in step_config.model.heads:
     target = batch[head.name]
-    outputs[f'{head.name}/score'] = head_scores(head, head_outputs[head.name])
+    outputs[f'{head.name}/score'] = models.head_scores(head,
+                                                       head_outputs[head.name])
     outputs[f'{head.name}/target'] = target.astype(jnp.float32)
     outputs[f'{head.name}/mask'] = losses.target_mask(batch, head, target)
   return outputs
