@@ -1,15 +1,18 @@
 # Fresh machine: `make demo` (train + evaluate on the phantom) or `make test`.
 # Both create .venv from the pinned requirements.txt when it is missing.
+# `make study`: the demo config at several β and loss options, scored for
+# disentanglement (pumamednet_jax/study.py), into STUDY_DIR.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 WORKDIR ?= workdir/demo
+STUDY_DIR ?= workdir/study
 CONFIG ?= configs/default.py
 # glibc: transparent huge pages for large blocks, so XLA's per-step temporaries cost
 # fewer page faults (README, Performance, memory pages).
 HUGEPAGES := GLIBC_TUNABLES=$${GLIBC_TUNABLES:+$$GLIBC_TUNABLES:}glibc.malloc.hugetlb=1
 
-.PHONY: setup demo test summary benchmark clean
+.PHONY: setup demo study test summary benchmark clean
 
 setup: $(VENV)/.installed
 
@@ -21,6 +24,9 @@ $(VENV)/.installed: requirements.txt
 
 demo: setup
 	$(HUGEPAGES) $(PY) main.py --config=$(CONFIG) --workdir=$(WORKDIR)
+
+study: setup
+	$(HUGEPAGES) $(PY) -m pumamednet_jax.study --config=$(CONFIG) --out=$(STUDY_DIR)
 
 test: setup
 	$(PY) -m pytest -q -n 2 tests
