@@ -220,6 +220,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *,
   grads = jax.lax.pmean(grads, parallel.AXIS)
   terms = jax.lax.pmean(terms, parallel.AXIS)
   terms['beta'] = losses.beta_at(state.step, step_config.loss)
+  if step_config.loss.capacity_gamma > 0:
+    terms['capacity'] = losses.capacity_at(state.step, step_config.loss)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   # A non-finite loss or gradient never reaches the parameters.
