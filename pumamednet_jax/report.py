@@ -188,8 +188,8 @@ def plot_roc(path: str, report: dict, columns, heads, outputs) -> None:
     row = report['heads'][column.name]
     known = column.known
     if row['auc'] is None:
-      ax.text(0.5, 0.5, row['note'], ha='center', va='center', wrap=True,
-              fontsize=8)
+      ax.text(0.5, 0.5, row['note'].replace(': ', ':\n', 1).replace(
+          ' in the', '\nin the'), ha='center', va='center', fontsize=7)
     else:
       fpr, tpr, _ = sk_metrics.roc_curve(column.targets[known] > 0.5,
                                          column.scores[known])
@@ -231,15 +231,15 @@ def plot_roc(path: str, report: dict, columns, heads, outputs) -> None:
 
 
 def plot_defects(path: str, grid: dict[str, np.ndarray], conditions) -> None:
-  """Columns: the conditions; rows: for each example its defective image,
-  then the reconstruction."""
+  """Columns: the conditions; rows: for each example the model's input (the
+  clean image with the condition's defect), then its reconstruction."""
   examples = next(iter(grid.values())).shape[0]
   fig, axes = plt.subplots(2 * examples, len(conditions),
                            figsize=(1.4 * len(conditions), 1.5 * 2 * examples),
                            squeeze=False)
   for j, condition in enumerate(conditions):
     for e in range(examples):
-      for k, kind in enumerate(('defective', 'reconstruction')):
+      for k, kind in enumerate(('input', 'reconstruction')):
         ax = axes[2 * e + k, j]
         ax.imshow(np.clip(grid[condition.name][e, k, ..., 0], 0, 1),
                   cmap='gray', vmin=0, vmax=1)

@@ -29,6 +29,7 @@ from pumamednet_jax import models
 from pumamednet_jax import parallel
 from pumamednet_jax import report as report_lib
 
+
 @flax.struct.dataclass
 class TrainState:
   step: jax.Array
