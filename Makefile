@@ -1,9 +1,12 @@
 # Fresh machine: `make demo` (train + evaluate on the phantom) or `make test`.
 # Both create .venv from the pinned requirements.txt when it is missing.
+# `make bias-study`: the demo config at confounder strengths 0, 0.8 and 1,
+# audited and mitigated (pumamednet_jax/bias_study.py), into BIAS_STUDY_DIR.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 WORKDIR ?= workdir/demo
+BIAS_STUDY_DIR ?= workdir/bias_study
 CONFIG ?= configs/default.py
 # Index of PyTorch's CPU wheels: requirements.txt pins torch==X+cpu, which PyPI does
 # not have. Only the torch step uses it, so where it is unreachable (pip then warns
@@ -14,7 +17,7 @@ TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 # fewer page faults (README, Performance, memory pages).
 HUGEPAGES := GLIBC_TUNABLES=$${GLIBC_TUNABLES:+$$GLIBC_TUNABLES:}glibc.malloc.hugetlb=1
 
-.PHONY: setup demo test summary benchmark clean
+.PHONY: setup demo bias-study test summary benchmark clean
 
 setup: $(VENV)/.installed
 
@@ -28,6 +31,9 @@ $(VENV)/.installed: requirements.txt
 
 demo: setup
 	$(HUGEPAGES) $(PY) main.py --config=$(CONFIG) --workdir=$(WORKDIR)
+
+bias-study: setup
+	$(HUGEPAGES) $(PY) -m pumamednet_jax.bias_study --config=$(CONFIG) --out=$(BIAS_STUDY_DIR)
 
 test: setup
 	$(PY) -m pytest -q -n 2 tests

@@ -10,6 +10,7 @@ import pytest
 
 from configs import default
 from pumamednet_jax import bias
+from pumamednet_jax import bias_study
 from pumamednet_jax import train
 from e2e_support import REPO_ROOT, config_flags, shrink
 
@@ -124,3 +125,48 @@ def test_command_audits_a_trained_checkpoint(tmp_path):
   assert (out / 'bias.md').read_text().startswith(
       '# Bias audit: support_device and Pneumothorax')
   assert (out / 'confounder_latents.png').stat().st_size > 5000
+
+
+def _report(iid, anti, mitigated_anti):
+  measures = lambda a: {'iid_auc': iid, 'deconfounded_auc': 0.8,
+                        'anticorrelated_auc': a, 'probe_auc': 0.7}
+  return {'audit': measures(anti),
+          'mitigated': {'projected': measures(mitigated_anti)}}
+
+
+def test_study_table_measures_the_gap_closed_and_the_distance_to_unconfounded():
+  rows = bias_study.table_rows({0.8: _report(0.9, 0.6, 0.8),
+                                0.0: _report(0.85, 0.84, 0.84)})
+  assert [(r['strength'], r['method']) for r in rows] == [
+      (0.0, 'none'), (0.0, 'projected'), (0.8, 'none'), (0.8, 'projected')]
+  assert rows[3]['gap_closed'] == pytest.approx(2 / 3)
+  assert rows[3]['anti_vs_unconfounded'] == pytest.approx(-0.04)
+  assert rows[2]['gap_closed'] == 0.0
+  table = bias_study.markdown_table(rows)
+  assert '| 0.8 | projected | 0.900 | 0.800 | 0.800 | 0.700 | 67% | -0.040 |' in (
+      table)
+  alone = bias_study.table_rows({1.0: _report(0.9, 0.9, 0.8)})
+  assert alone[1]['gap_closed'] is None and alone[1][
+      'anti_vs_unconfounded'] is None
+  assert '| – | – |' in bias_study.markdown_table(alone)
+
+
+def test_study_trains_audits_and_tabulates_each_strength(tmp_path):
+  config = shrink(default.get_config(), data_dir=str(tmp_path / 'tfds'),
+                  **OVERRIDES)
+  out = tmp_path / 'study'
+  rows = bias_study.run_study(config, str(out), strengths=(0.0, 1.0),
+                              num_latents=3, num_resamples=50)
+  assert len(rows) == 2 * (1 + len(bias.METHODS))
+  saved = out / 'strength_1' / 'bias' / 'bias.json'
+  report = json.loads(saved.read_text())
+  assert report['settings']['confounder_strength'] == 1.0
+  assert report['splits']['train']['device_rate_negatives'] == 0.0
+  assert (out / 'strength_0' / 'checkpoints').is_dir()
+  assert json.loads((out / 'bias_study.json').read_text()) == rows
+  assert (out / 'bias_study.md').read_text().count('\n') == len(rows) + 2
+  # A second run reuses the runs and the audits.
+  modified = saved.stat().st_mtime_ns
+  assert bias_study.run_study(config, str(out), strengths=(0.0, 1.0),
+                              num_latents=3, num_resamples=50) == rows
+  assert saved.stat().st_mtime_ns == modified
