@@ -479,7 +479,7 @@ def main(argv):
         num_resamples=flag.bootstrap, seed=flag.seed)
   except (ValueError, FileNotFoundError) as error:
     raise SystemExit(f'bias: {error}') from None
-  print(markdown(report).split('\n\n![')[0])
+  print(markdown(report))
 
 
 if __name__ == '__main__':
