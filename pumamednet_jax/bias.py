@@ -23,7 +23,8 @@ then, without touching the encoder:
               marginal (randomised), or left out of a target head refitted on
               the training split (refitted); with the confounder's linear
               direction erased (projected), and erased under a refitted head
-              (projected_refitted).
+              (projected_refitted). refitted_all, a head refitted on all
+              latents, is the reference of the refitted rows.
 
 Writes DIR/bias.json, DIR/bias.md and DIR/confounder_latents.png (the top
 latents and the erased direction traversed from an image without the device).
@@ -69,6 +70,8 @@ METHODS = {
     'ignored': 'the top latents set to their training mean',
     'randomised': 'the top latents drawn from their training marginal',
     'refitted': 'a logistic head refitted on the other latents',
+    'refitted_all': 'no mitigation: a logistic head refitted on all latents '
+                    '(what the refitted rows compare with)',
     'projected': "the confounder's linear direction erased",
     'projected_refitted': 'erased, under a logistic head refitted on the '
                           'erased training latents',
@@ -268,6 +271,8 @@ def analyse(splits: dict[str, Split], score: Scorer, *, num_latents: int,
           z, chosen, train.latents, rng), score),
       'refitted': (lambda z: z[:, kept], refitted_head(
           train.latents[:, kept], train.target, seed)),
+      'refitted_all': (lambda z: z, refitted_head(train.latents, train.target,
+                                                  seed)),
       'projected': (eraser, score),
       'projected_refitted': (eraser, refitted_head(
           eraser(train.latents), train.target, seed)),

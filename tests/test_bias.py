@@ -68,6 +68,7 @@ def test_analysis_finds_the_shortcut_and_erasure_removes_it():
   assert mitigated['ignored']['probe_auc'] > 0.9
   for method in ('projected', 'projected_refitted'):
     assert abs(mitigated[method]['probe_auc'] - 0.5) < 0.05, method
+  assert mitigated['refitted_all']['probe_auc'] == audit['probe_auc']
   best = mitigated['projected_refitted']
   assert best['anticorrelated_auc'] > audit['anticorrelated_auc'] + 0.1
   assert abs(best['anticorrelated_auc'] - best['deconfounded_auc']) < 0.05
