@@ -51,8 +51,8 @@ from sklearn import metrics
 from input_pipeline import heads as heads_lib
 from input_pipeline import labels as labels_lib
 from input_pipeline import phantom
-from pumamednet_jax import checkpoints
 from pumamednet_jax import confounder as confounder_lib
+from pumamednet_jax import inference
 from pumamednet_jax import models
 from pumamednet_jax import platform as platform_lib
 
@@ -181,19 +181,15 @@ class Model:
 def load_model(workdir: str, step: int | None, image_size: int,
                target: str) -> Model:
   """The checkpoint's functions, computed in the platform's form."""
-  manager = checkpoints.create_manager(workdir, asynchronous=False,
-                                       read_only=True)
-  step = step if step is not None else manager.latest_step()
-  manager.close()
-  model_config, params = checkpoints.load_params(workdir, step)
+  checkpoint = inference.load_on_device(workdir, step)
+  model_config, params, policy, step = (
+      checkpoint.model_config, checkpoint.params, checkpoint.policy,
+      checkpoint.step)
   if model_config.image_size != image_size:
     raise ValueError(
         f'config.image_size = {image_size}, but the checkpoint in {workdir} '
         f'reads {model_config.image_size} px; pass the training config')
-  policy = platform_lib.for_devices(jax.local_devices()[:1])
-  model_config = dataclasses.replace(model_config, conv_impl=policy.conv_impl)
   head, index = target_head(model_config, target)
-  params = jax.device_put(params)
 
   def encode(params, images):
     model = models.bind(model_config, params)

@@ -9,7 +9,6 @@ and scores the code against FACTORS with `disentanglement`'s metrics. Writes
 DIR/metrics.json and DIR/mi.png (the latent × factor mutual information).
 """
 
-import dataclasses
 import functools
 import json
 import os
@@ -25,10 +24,9 @@ from absl import logging
 
 from input_pipeline import labels as labels_lib
 from input_pipeline import phantom
-from pumamednet_jax import checkpoints
 from pumamednet_jax import disentanglement as dis
+from pumamednet_jax import inference
 from pumamednet_jax import models
-from pumamednet_jax import platform as platform_lib
 
 matplotlib.use('Agg')
 from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -78,11 +76,10 @@ def fix_factor(batch: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
 
 def load_encoder(workdir: str):
   """(model config, a function of uint8 images (N, S, S) → encoder means
-  (N, latents)) of the latest checkpoint in `workdir`."""
-  model_config, params = checkpoints.load_params(workdir)
-  policy = platform_lib.for_devices(jax.local_devices()[:1])
-  model_config = dataclasses.replace(model_config, conv_impl=policy.conv_impl)
-  params = jax.device_put(params)
+  (N, latents)) of the checkpoint `inference.load_checkpoint` picks."""
+  checkpoint = inference.load_on_device(workdir)
+  model_config, params, policy = (checkpoint.model_config, checkpoint.params,
+                                  checkpoint.policy)
 
   @functools.partial(jax.jit, compiler_options=policy.compiler_options or None)
   def encode(params, images):

@@ -59,6 +59,13 @@ def load_checkpoint(workdir: str, mesh, step: int | None = None, *,
   return Checkpoint(workdir, step, model_config, restored['params'], policy)
 
 
+def load_on_device(workdir: str, step: int | None = None) -> Checkpoint:
+  """`load_checkpoint` on this process's first device: what the analysis
+  commands (disentangle, bias, explain) run single-device jitted code with."""
+  mesh = jax.sharding.Mesh(jax.local_devices()[:1], (parallel.AXIS,))
+  return load_checkpoint(workdir, mesh, step)
+
+
 def score_step(params: dict, batch: dict[str, jax.Array], *,
                model_config: models.ModelConfig,
                defects: defects_lib.DefectConfig, seed: int, defective: bool,
