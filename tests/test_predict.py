@@ -45,14 +45,6 @@ HEADS = (
 )
 
 
-def real_cxr_dir() -> pathlib.Path:
-  """The real chest X-ray files: tests/data/real_cxr, else ../shared's."""
-  local = REPO_ROOT / 'tests' / 'data' / 'real_cxr'
-  if local.is_dir():
-    return local
-  return REPO_ROOT.parent / 'shared' / 'data' / 'real_cxr'
-
-
 @pytest.fixture(scope='module')
 def workdir(tmp_path_factory) -> pathlib.Path:
   """An orbax checkpoint of the tiny default model at 64 px."""
@@ -66,11 +58,11 @@ def workdir(tmp_path_factory) -> pathlib.Path:
 
 
 @pytest.fixture(scope='module')
-def acceptance_dir(tmp_path_factory) -> pathlib.Path:
+def acceptance_dir(tmp_path_factory, real_data_dir) -> pathlib.Path:
   """The real PNG and DICOM, an inverted MONOCHROME1 copy of the DICOM, the
   fake MONOCHROME1 file, an empty .png and a text file named .png."""
   folder = tmp_path_factory.mktemp('acceptance')
-  real = real_cxr_dir()
+  real = real_data_dir / 'real_cxr'
   for name in (REAL_PNG, REAL_DICOM, FAKE_MONOCHROME1):
     shutil.copy(real / name, folder / name)
   dataset = pydicom.dcmread(real / REAL_DICOM)
