@@ -16,7 +16,6 @@ import dataclasses
 
 import numpy as np
 import tensorflow_datasets as tfds
-from sklearn import decomposition
 from sklearn import linear_model
 from sklearn import metrics
 from sklearn import pipeline
@@ -39,8 +38,10 @@ JUDGED = (HEALTH, AGE, SEX, VIEW, 'Cardiomegaly')
 FEATURES = ('labels', 'sex', 'view', 'age', HEART_SIZE_FEATURE)
 # Side of the images the judges read (block means of larger images).
 JUDGE_IMAGE_SIZE = 32
-# Principal components the judges' linear models read.
-JUDGE_COMPONENTS = 64
+# Inverse L2 strength of the logistic judges, and the ridge judge's choices
+# (picked by efficient leave-one-out cross-validation).
+JUDGE_C = 0.1
+RIDGE_ALPHAS = (0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0)
 # Share of the judges' images held out to measure them.
 HELDOUT_FRACTION = 0.25
 
@@ -128,11 +129,8 @@ def _pixels(images: np.ndarray) -> np.ndarray:
   return blocks.mean(axis=(2, 4)).reshape(len(images), -1)
 
 
-def _linear(estimator, num_examples: int) -> pipeline.Pipeline:
-  components = max(1, min(JUDGE_COMPONENTS, num_examples - 1))
-  return pipeline.make_pipeline(
-      preprocessing.StandardScaler(),
-      decomposition.PCA(components, random_state=0), estimator)
+def _linear(estimator) -> pipeline.Pipeline:
+  return pipeline.make_pipeline(preprocessing.StandardScaler(), estimator)
 
 
 @dataclasses.dataclass
@@ -169,14 +167,14 @@ def fit_judges(images: np.ndarray, examples: Examples, attributes,
     if len(np.unique(target[fit])) < 2:
       raise ValueError(f'judge of {name!r}: its {len(fit)} fitting images '
                        'hold one group only; use more judge examples')
-    model = _linear(linear_model.LogisticRegression(C=0.1, max_iter=2000),
-                    len(fit)).fit(pixels[fit], target[fit])
+    model = _linear(linear_model.LogisticRegression(
+        C=JUDGE_C, max_iter=3000)).fit(pixels[fit], target[fit])
     judges.models[name] = model
     judges.heldout[name] = {'heldout_auc': _auc(
         target[held], model.predict_proba(pixels[held])[:, 1])}
   if HEART_SIZE_FEATURE in examples.features:
     target = examples.features[HEART_SIZE_FEATURE].astype(np.float64)
-    model = _linear(linear_model.Ridge(alpha=1.0), len(fit)).fit(
+    model = _linear(linear_model.RidgeCV(alphas=RIDGE_ALPHAS)).fit(
         pixels[fit], target[fit])
     judges.models[HEART_SIZE] = model
     judges.heldout[HEART_SIZE] = {'heldout_r2': float(metrics.r2_score(
