@@ -45,7 +45,6 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 from scipy import stats
-from sklearn import metrics as sk_metrics
 
 from input_pipeline import heads as heads_lib
 from input_pipeline import labels as labels_lib
@@ -53,8 +52,10 @@ from input_pipeline import pipeline
 from pumamednet_jax import checkpoints
 from pumamednet_jax import explain_figures
 from pumamednet_jax import judge as judge_lib
+from pumamednet_jax import inference
 from pumamednet_jax import latent as latent_lib
-from pumamednet_jax import platform as platform_lib
+from pumamednet_jax import parallel
+from pumamednet_jax import stats as stats_lib
 
 ALPHAS = tuple(np.round(np.linspace(-2.0, 2.0, 9), 3))
 STEPS = tuple(np.round(np.linspace(-3.0, 3.0, 7), 3))
@@ -161,13 +162,42 @@ def _edit(model: latent_lib.LatentModel, latents: np.ndarray):
 def _auc(target: np.ndarray, score: np.ndarray) -> float:
   if len(np.unique(target)) < 2:
     return float('nan')
-  return float(sk_metrics.roc_auc_score(target, score))
+  return stats_lib.auc(score, target)
 
 
-def ablation(model, z, examples, relevance: np.ndarray, seed: int) -> dict:
+def greedy_ablation(model, z, target, column: int, count: int):
+  """The latents, chosen one at a time with the labels, whose ablation
+  lowers the AUC of output `column` most, and the AUC after each choice.
+
+  An optimistic bound on what any ranking of `count` latents can do (it
+  sees the labels it is measured on): when even it moves the AUC little,
+  the classifier spreads what it reads over many latents.
+  """
+  mean = z.mean(axis=0)
+  chosen = np.zeros(z.shape[1], bool)
+  aucs = []
+  for _ in range(min(count, z.shape[1])):
+    candidates = np.flatnonzero(~chosen)
+    masks = np.repeat(chosen[None], len(candidates), axis=0)
+    masks[np.arange(len(candidates)), candidates] = True
+    scores = model.masked_logits(z, masks, mean)[:, :, column]
+    # AUC = Mann-Whitney U / (positives × negatives), for every candidate.
+    positive = target.astype(bool)
+    u = stats.mannwhitneyu(scores[:, positive], scores[:, ~positive],
+                           axis=1).statistic
+    candidate_aucs = u / (positive.sum() * (~positive).sum())
+    best = int(np.argmin(candidate_aucs))
+    chosen[candidates[best]] = True
+    aucs.append(float(candidate_aucs[best]))
+  return np.flatnonzero(chosen), aucs
+
+
+def ablation(model, z, examples, relevance: np.ndarray, seed: int,
+             greedy: bool = False) -> dict:
   """Per head with an AUC: the AUC drop with its top NUM_ABLATED latents set
   to their means, against NUM_ABLATED random latents (mean of RANDOM_DRAWS),
-  and the AUC after ablating the top k for k in ABLATION_CURVE."""
+  and the AUC after ablating the top k for k in ABLATION_CURVE; with
+  `greedy`, also the drop of `greedy_ablation`'s NUM_ABLATED latents."""
   mean = z.mean(axis=0)
   scores = model.logits(z)
   rng = np.random.default_rng(seed)
@@ -200,6 +230,10 @@ def ablation(model, z, examples, relevance: np.ndarray, seed: int) -> dict:
         'random5_auc_drop': random_drop,
         'top5_latents': [int(j) for j in ranked[:NUM_ABLATED]],
         'auc_with_top_k_ablated': curve}
+    if greedy:
+      latents, aucs = greedy_ablation(model, z, target, k, NUM_ABLATED)
+      results[output.name].update(greedy5_auc_drop=base - aucs[-1],
+                                  greedy5_latents=[int(j) for j in latents])
   return results
 
 
@@ -227,28 +261,34 @@ def relevance_report(outputs, relevances: dict[str, np.ndarray]) -> dict:
 
 
 def load(workdir: str, config, step: int | None):
-  """The latent model of a checkpoint and its data set's builder."""
-  model_config, params = checkpoints.load_params(workdir, step)
-  if model_config.image_size != config.image_size:
-    raise ValueError(
-        f'the checkpoint in {checkpoints.checkpoint_dir(workdir)} reads '
-        f'{model_config.image_size} px images but config.image_size is '
-        f'{config.image_size}; pass the config it was trained with')
-  policy = platform_lib.for_devices(jax.local_devices()[:1])
-  model_config = dataclasses.replace(model_config, conv_impl=policy.conv_impl)
+  """The latent model of a checkpoint (`step`, or else the best by
+  validation mean AUC, or else the latest) on one device, and its data
+  set's builder."""
   sources = pipeline.get_sources(config)
   if len(sources) != 1:
     raise ValueError('explain reads one data set; config.dataset is '
                      f'{config.dataset!r}')
+  mesh = jax.sharding.Mesh(np.asarray(jax.local_devices()[:1]),
+                           (parallel.AXIS,))
+  checkpoint = inference.load_checkpoint(workdir, mesh, step,
+                                         compute_from=config)
+  if checkpoint.model_config.image_size != config.image_size:
+    raise ValueError(
+        f'the checkpoint in {checkpoints.checkpoint_dir(workdir)} reads '
+        f'{checkpoint.model_config.image_size} px images but '
+        f'config.image_size is {config.image_size}; pass the config it was '
+        'trained with')
   pipeline.prepare(sources)
-  return latent_lib.LatentModel(model_config, params, policy), sources[0].builder
+  model = latent_lib.LatentModel(checkpoint.model_config, checkpoint.params,
+                                 checkpoint.policy)
+  return model, sources[0].builder, checkpoint.step
 
 
 def explain(workdir: str, out: str, config,
             settings: Settings = Settings()) -> dict:
   """Writes the explanations of the checkpoint in `workdir` to `out` (see
   the module docstring); returns explain.json's content."""
-  model, builder = load(workdir, config, settings.step)
+  model, builder, step = load(workdir, config, settings.step)
   median = (pipeline.age_median(builder) if 'age' in builder.info.features
             else None)
   examples = judge_lib.load_examples(builder, settings.split,
@@ -360,7 +400,8 @@ def explain(workdir: str, out: str, config,
 
   result = {
       'interpolation': interpolation,
-      'ablation': ablation(model, z, examples, relevance, settings.seed),
+      'ablation': ablation(model, z, examples, relevance, settings.seed,
+                           greedy=True),
       'ablation_by_method': {
           method: ablation(model, z, examples, r, settings.seed)
           for method, r in relevances.items()},
@@ -369,7 +410,7 @@ def explain(workdir: str, out: str, config,
       'settings': {**dataclasses.asdict(settings), 'num_eval': num_eval,
                    'num_reference': len(examples.images),
                    'num_judge': len(judge_examples.images),
-                   'workdir': os.path.abspath(workdir),
+                   'workdir': os.path.abspath(workdir), 'checkpoint_step': step,
                    'alphas': list(ALPHAS), 'steps': list(STEPS)},
   }
   result['ablation_summary'] = {

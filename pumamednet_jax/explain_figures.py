@@ -187,8 +187,12 @@ function load() {
 imageSelect.onchange = load;
 editSelect.onchange = load;
 slider.oninput = draw;
-slider.max = data.edits[0].steps.length - 1;
-slider.value = Math.floor(slider.max / 2);
+// A link may choose the view: index.html#image=2&edit=5&step=8.
+const chosen = new URLSearchParams(location.hash.slice(1));
+imageSelect.value = Math.min(Number(chosen.get('image') || 0), data.images.length - 1);
+editSelect.value = Math.min(Number(chosen.get('edit') || 0), data.edits.length - 1);
+slider.max = data.edits[editSelect.value].steps.length - 1;
+slider.value = chosen.has('step') ? chosen.get('step') : Math.floor(slider.max / 2);
 load();
 </script>
 </body></html>

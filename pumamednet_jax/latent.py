@@ -168,21 +168,28 @@ class LatentModel:
       one = lambda v: logits(params, v[None])[0]
       return jax.vmap(jax.jacrev(one))(z)
 
+    def masked_logits(params, z, masks, mean):
+      # (C, B, K): the logits with the latents of each mask set to the mean.
+      return jax.vmap(lambda m: logits(params, jnp.where(m, mean, z)))(masks)
+
     self._fns = {name: jax.jit(fn, compiler_options=options) for name, fn in (
         ('encode', encode), ('decode', decode), ('logits', logits),
         ('scores', scores), ('frame_scores', frame_scores),
-        ('gradients', gradients))}
+        ('gradients', gradients), ('masked_logits', masked_logits))}
 
-  def _run(self, name: str, inputs: np.ndarray) -> np.ndarray:
+  def _run(self, name: str, inputs: np.ndarray, *constants,
+           axis: int = 0) -> np.ndarray:
+    """`name` over batches of `inputs`, its outputs joined on `axis`."""
     inputs = np.asarray(inputs, np.float32)
     count = inputs.shape[0]
     padded = -(-count // self.batch_size) * self.batch_size
     inputs = np.concatenate(
         [inputs, np.zeros((padded - count, *inputs.shape[1:]), np.float32)])
     parts = [jax.device_get(self._fns[name](
-        self._params, inputs[start:start + self.batch_size]))
+        self._params, inputs[start:start + self.batch_size], *constants))
              for start in range(0, padded, self.batch_size)]
-    return np.concatenate(parts)[:count]
+    return np.take(np.concatenate(parts, axis=axis), np.arange(count),
+                   axis=axis)
 
   def encode(self, images: np.ndarray) -> np.ndarray:
     """(N, S, S) uint8 images → latent means (N, D)."""
@@ -208,6 +215,13 @@ class LatentModel:
   def gradients(self, z: np.ndarray) -> np.ndarray:
     """(N, D) → (N, K, D): ∂logit_k/∂z_j at each latent."""
     return self._run('gradients', z)
+
+  def masked_logits(self, z: np.ndarray, masks: np.ndarray,
+                    mean: np.ndarray) -> np.ndarray:
+    """(N, D) latents, (C, D) bool masks → (C, N, K): the logits with the
+    latents of each mask set to `mean`."""
+    return self._run('masked_logits', z, np.asarray(masks, bool),
+                     np.asarray(mean, np.float32), axis=1)
 
 
 def _chunked(fn, images, policy):
@@ -268,13 +282,9 @@ def ablation_relevance(model: LatentModel, z: np.ndarray) -> np.ndarray:
   Occlusion of one latent at a time, exact where the gradient is a local
   linearisation (the classifier is a ReLU network).
   """
-  mean = z.mean(axis=0)
-  reference = model.logits(z)
-  relevance = np.zeros((len(model.outputs), z.shape[1]), np.float32)
-  for j in range(z.shape[1]):
-    relevance[:, j] = np.abs(model.logits(ablate(z, [j], mean))
-                             - reference).mean(axis=0)
-  return relevance
+  ablated = model.masked_logits(z, np.eye(z.shape[1], dtype=bool),
+                                z.mean(axis=0))
+  return np.abs(ablated - model.logits(z)[None]).mean(axis=1).T
 
 
 RELEVANCE_METHODS = {'gradient': gradient_relevance,

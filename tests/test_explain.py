@@ -134,8 +134,9 @@ def test_relevance_finds_the_only_latents_the_classifier_reads(
   relevance = latent_lib.RELEVANCE_METHODS[method](model, z.astype(np.float32))
   assert relevance.shape == (len(model.outputs), model_config.latent_dim)
   others = np.setdiff1d(np.arange(model_config.latent_dim), read)
-  np.testing.assert_array_equal(relevance[:, others], 0.0)
-  assert (relevance[:, read].sum(axis=1) > 0).all()
+  # Zero up to rounding (a batched matmul sums in another order).
+  np.testing.assert_allclose(relevance[:, others], 0.0, atol=1e-6)
+  assert (relevance[:, read].sum(axis=1) > 1e-4).all()
   ablated = model.logits(latent_lib.ablate(z, read, z.mean(0)))
   assert np.ptp(ablated, axis=0).max() < 1e-5  # nothing left to read
 
@@ -221,7 +222,7 @@ def test_explain_writes_figures_faithfulness_and_a_self_contained_page(
   for values in saved['interpolation'].values():
     assert {'rho_model', 'rho_judge', 'specificity'} <= set(values)
     assert -1.0 <= values['rho_model'] <= 1.0
-  assert {'top5_auc_drop', 'random5_auc_drop'} <= set(
+  assert {'top5_auc_drop', 'random5_auc_drop', 'greedy5_auc_drop'} <= set(
       saved['ablation']['sex'])
   assert 'rho_judge_heart_size' in saved['traversal']['Cardiomegaly']
   assert set(saved['judge']) == {'health', 'age', 'sex', 'view',
