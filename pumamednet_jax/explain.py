@@ -44,18 +44,15 @@ from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
-from scipy import stats
 
-from input_pipeline import heads as heads_lib
-from input_pipeline import labels as labels_lib
 from input_pipeline import pipeline
 from pumamednet_jax import checkpoints
 from pumamednet_jax import explain_figures
+from pumamednet_jax import faithfulness
 from pumamednet_jax import judge as judge_lib
 from pumamednet_jax import inference
 from pumamednet_jax import latent as latent_lib
 from pumamednet_jax import parallel
-from pumamednet_jax import stats as stats_lib
 
 ALPHAS = tuple(np.round(np.linspace(-2.0, 2.0, 9), 3))
 STEPS = tuple(np.round(np.linspace(-3.0, 3.0, 7), 3))
@@ -63,15 +60,8 @@ DEFAULT_ATTRIBUTES = ('health', 'age', 'sex', 'view', 'Cardiomegaly')
 DEFAULT_HEADS = ('Cardiomegaly', 'No Finding', 'sex', 'view',
                  'age_above_median')
 TOP_LATENTS = 3  # latents traversed per head
-NUM_ABLATED = 5  # latents set to their means in the ablation test
-RANDOM_DRAWS = 20  # draws of random latents it is compared with
-ABLATION_CURVE = (1, 2, 5, 10, 20, 50)
 RELEVANCE_METHOD = 'gradient'
 FIGURE_TRAVERSAL_IMAGES = 3  # images per traversal figure
-# The model's output that scores each metadata attribute's group 1.
-MODEL_OUTPUT = {judge_lib.HEALTH: labels_lib.NO_FINDING,
-                judge_lib.SEX: 'sex', judge_lib.VIEW: 'view',
-                judge_lib.AGE: pipeline.AGE_ABOVE_MEDIAN}
 CARDIOMEGALY = 'Cardiomegaly'
 
 
@@ -91,63 +81,12 @@ class Settings:
   seed: int = 0
 
 
-def model_output(attribute: str, outputs) -> str:
-  """The model's output that scores `attribute` (its group 1)."""
-  name = MODEL_OUTPUT.get(attribute, attribute)
-  names = [o.name for o in outputs]
-  if name == pipeline.AGE_ABOVE_MEDIAN and name not in names:
-    name = 'age'
-  return name
-
-
-def attribute_of_output(name: str) -> str | None:
-  """The attribute whose labels give output `name` its AUC (or None)."""
-  for attribute, output in MODEL_OUTPUT.items():
-    if output == name:
-      return attribute
-  return name if name in labels_lib.FINDINGS else None
-
-
 def check_heads(names, outputs) -> None:
   valid = [o.name for o in outputs]
   unknown = [name for name in names if name not in valid]
   if unknown:
     raise ValueError(f'unknown head(s) {", ".join(map(repr, unknown))}; '
                      f'valid: {", ".join(valid)}')
-
-
-def median_rho(steps, values: np.ndarray) -> float:
-  """Median over rows of Spearman's ρ between `steps` and the row; a
-  constant row counts ρ = 0 (it does not follow the steps)."""
-  rhos = []
-  for row in values:
-    rho = (stats.spearmanr(steps, row).statistic
-           if np.ptp(row) > 0 else 0.0)
-    rhos.append(0.0 if np.isnan(rho) else rho)
-  return float(np.median(rhos))
-
-
-def specificity(judged: dict[str, np.ndarray], target: str,
-                others) -> tuple[float, dict[str, float]]:
-  """Median over images of max over `others` of |Δ other| / |Δ target|,
-  Δ from the first frame to the last; and the median of each other's."""
-  delta = {name: np.abs(judged[name][:, -1] - judged[name][:, 0])
-           for name in (target, *others)}
-  base = np.maximum(delta[target], 1e-6)
-  if not others:
-    return 0.0, {}
-  ratios = {name: delta[name] / base for name in others}
-  worst = np.max(np.stack(list(ratios.values())), axis=0)
-  return float(np.median(worst)), {name: float(np.median(r))
-                                   for name, r in ratios.items()}
-
-
-def judge_frames(judges: judge_lib.Judges, frames: np.ndarray
-                 ) -> dict[str, np.ndarray]:
-  """(N, A, S, S) frames → {judge name: (N, A)}."""
-  count, steps = frames.shape[:2]
-  return {name: value.reshape(count, steps) for name, value in
-          judges.predict(frames.reshape(-1, *frames.shape[2:])).items()}
 
 
 def _edit(model: latent_lib.LatentModel, latents: np.ndarray):
@@ -157,107 +96,6 @@ def _edit(model: latent_lib.LatentModel, latents: np.ndarray):
   scores = model.frame_scores(frames)
   return (frames.reshape(count, steps, *frames.shape[1:]),
           scores.reshape(count, steps, -1))
-
-
-def _auc(target: np.ndarray, score: np.ndarray) -> float:
-  if len(np.unique(target)) < 2:
-    return float('nan')
-  return stats_lib.auc(score, target)
-
-
-def greedy_ablation(model, z, target, column: int, count: int):
-  """The latents, chosen one at a time with the labels, whose ablation
-  lowers the AUC of output `column` most, and the AUC after each choice.
-
-  An optimistic bound on what any ranking of `count` latents can do (it
-  sees the labels it is measured on): when even it moves the AUC little,
-  the classifier spreads what it reads over many latents.
-  """
-  mean = z.mean(axis=0)
-  chosen = np.zeros(z.shape[1], bool)
-  aucs = []
-  for _ in range(min(count, z.shape[1])):
-    candidates = np.flatnonzero(~chosen)
-    masks = np.repeat(chosen[None], len(candidates), axis=0)
-    masks[np.arange(len(candidates)), candidates] = True
-    scores = model.masked_logits(z, masks, mean)[:, :, column]
-    # AUC = Mann-Whitney U / (positives × negatives), for every candidate.
-    positive = target.astype(bool)
-    u = stats.mannwhitneyu(scores[:, positive], scores[:, ~positive],
-                           axis=1).statistic
-    candidate_aucs = u / (positive.sum() * (~positive).sum())
-    best = int(np.argmin(candidate_aucs))
-    chosen[candidates[best]] = True
-    aucs.append(float(candidate_aucs[best]))
-  return np.flatnonzero(chosen), aucs
-
-
-def ablation(model, z, examples, relevance: np.ndarray, seed: int,
-             greedy: bool = False) -> dict:
-  """Per head with an AUC: the AUC drop with its top NUM_ABLATED latents set
-  to their means, against NUM_ABLATED random latents (mean of RANDOM_DRAWS),
-  and the AUC after ablating the top k for k in ABLATION_CURVE; with
-  `greedy`, also the drop of `greedy_ablation`'s NUM_ABLATED latents."""
-  mean = z.mean(axis=0)
-  scores = model.logits(z)
-  rng = np.random.default_rng(seed)
-  dim = z.shape[1]
-  random_sets = [rng.choice(dim, min(NUM_ABLATED, dim), replace=False)
-                 for _ in range(RANDOM_DRAWS)]
-  random_scores = [model.logits(latent_lib.ablate(z, s, mean))
-                   for s in random_sets]
-  results = {}
-  for k, output in enumerate(model.outputs):
-    attribute = attribute_of_output(output.name)
-    if (output.head.kind == heads_lib.REGRESSION or attribute is None
-        or attribute not in judge_lib.available(examples)):
-      continue
-    target = judge_lib.values(attribute, examples)
-    base = _auc(target, scores[:, k])
-    if np.isnan(base):
-      continue
-    ranked = np.argsort(-relevance[k])
-    curve = {}
-    for count in (*ABLATION_CURVE, NUM_ABLATED):
-      if count <= dim:
-        ablated = model.logits(latent_lib.ablate(z, ranked[:count], mean))
-        curve[str(count)] = _auc(target, ablated[:, k])
-    random_drop = float(np.mean([base - _auc(target, s[:, k])
-                                 for s in random_scores]))
-    results[output.name] = {
-        'auc': base,
-        'top5_auc_drop': base - curve[str(min(NUM_ABLATED, dim))],
-        'random5_auc_drop': random_drop,
-        'top5_latents': [int(j) for j in ranked[:NUM_ABLATED]],
-        'auc_with_top_k_ablated': curve}
-    if greedy:
-      latents, aucs = greedy_ablation(model, z, target, k, NUM_ABLATED)
-      results[output.name].update(greedy5_auc_drop=base - aucs[-1],
-                                  greedy5_latents=[int(j) for j in latents])
-  return results
-
-
-def relevance_report(outputs, relevances: dict[str, np.ndarray]) -> dict:
-  """relevance.json: per method and head, latents ranked by score; and how
-  well the methods agree (Spearman's ρ, shared top 5)."""
-  report = {'methods': {
-      'gradient': 'mean over examples of |d logit / d z_j|, times std(z_j)',
-      'ablation': 'mean over examples of |logit(z) - logit(z, z_j := '
-                  'mean(z_j))|'}, 'ranking': {}, 'agreement': {}}
-  for method, relevance in relevances.items():
-    report['ranking'][method] = {
-        o.name: [{'latent': int(j), 'score': float(relevance[k, j])}
-                 for j in np.argsort(-relevance[k])]
-        for k, o in enumerate(outputs)}
-  if len(relevances) == 2:
-    a, b = relevances.values()
-    for k, o in enumerate(outputs):
-      shared = set(np.argsort(-a[k])[:NUM_ABLATED]) & set(
-          np.argsort(-b[k])[:NUM_ABLATED])
-      report['agreement'][o.name] = {
-          'spearman': float(stats.spearmanr(a[k], b[k]).statistic),
-          'shared_top5': len(shared)}
-  return report
 
 
 def load(workdir: str, config, step: int | None):
@@ -304,7 +142,7 @@ def explain(workdir: str, out: str, config,
   relevances = {method: fn(model, z) for method, fn in
                 latent_lib.RELEVANCE_METHODS.items()}
   relevance = relevances[settings.relevance]
-  relevance_json = relevance_report(model.outputs, relevances)
+  relevance_json = faithfulness.relevance_report(model.outputs, relevances)
   relevance_json['method'] = settings.relevance
   _write_json(os.path.join(out, 'relevance.json'), relevance_json)
   explain_figures.relevance_figure(os.path.join(out, 'relevance.png'),
@@ -329,18 +167,19 @@ def explain(workdir: str, out: str, config,
         z, judge_lib.values(attribute, examples))
     latents = latent_lib.interpolations(z_eval, direction, ALPHAS)
     frames, scores = _edit(model, latents)
-    judged = judge_frames(judges, frames)
-    column = names.index(model_output(attribute, model.outputs))
+    judged = faithfulness.judge_frames(judges, frames)
+    column = names.index(faithfulness.model_output(attribute, model.outputs))
     others = [a for a in judges.names if a not in (
         attribute, judge_lib.HEART_SIZE, *judge_lib.entailed(attribute))]
-    worst, each = specificity(judged, attribute, others)
+    worst, each = faithfulness.specificity(judged, attribute, others)
     latent_scores = model.scores(latents.reshape(-1, z.shape[1]))
     interpolation[attribute] = {
-        'rho_model': median_rho(ALPHAS, scores[:, :, column]),
-        'rho_judge': median_rho(ALPHAS, judged[attribute]),
+        'rho_model': faithfulness.median_rho(ALPHAS, scores[:, :, column]),
+        'rho_judge': faithfulness.median_rho(ALPHAS, judged[attribute]),
         'specificity': worst,
         'specificity_by_attribute': each,
-        'rho_model_latent': median_rho(
+        'judge_change': faithfulness.judge_change(judged),
+        'rho_model_latent': faithfulness.median_rho(
             ALPHAS, latent_scores[:, column].reshape(num_eval, -1)),
         'model_output': names[column]}
     explain_figures.edit_figure(
@@ -383,38 +222,40 @@ def explain(workdir: str, out: str, config,
     j = int(np.argmax(relevance[k]))
     frames, _ = _edit(model, latent_lib.traversals(z_eval, j, mean, std,
                                                    STEPS))
-    judged = judge_frames(judges, frames)
+    judged = faithfulness.judge_frames(judges, frames)
     others = [a for a in judges.names if a not in (
         CARDIOMEGALY, judge_lib.HEART_SIZE, *judge_lib.entailed(CARDIOMEGALY))]
     # The sign of the latent is arbitrary: ρ is taken along the direction
     # that raises the model's Cardiomegaly score.
     sign = float(np.sign(_mean_gradient_sign(model, z, k, j)))
-    worst, each = specificity(judged, CARDIOMEGALY, others)
+    worst, each = faithfulness.specificity(judged, CARDIOMEGALY, others)
     traversal[CARDIOMEGALY] = {
         'latent': j, 'direction': sign,
-        'rho_judge_heart_size': median_rho(
+        'rho_judge_heart_size': faithfulness.median_rho(
             sign * np.asarray(STEPS), judged[judge_lib.HEART_SIZE]),
-        'rho_judge_cardiomegaly': median_rho(sign * np.asarray(STEPS),
-                                             judged[CARDIOMEGALY]),
-        'specificity': worst, 'specificity_by_attribute': each}
+        'rho_judge_cardiomegaly': faithfulness.median_rho(
+            sign * np.asarray(STEPS), judged[CARDIOMEGALY]),
+        'specificity': worst, 'specificity_by_attribute': each,
+        'judge_change': faithfulness.judge_change(judged)}
 
   result = {
       'interpolation': interpolation,
-      'ablation': ablation(model, z, examples, relevance, settings.seed,
-                           greedy=True),
+      'ablation': faithfulness.ablation(model, z, examples, relevance,
+                                        settings.seed, greedy=True),
       'ablation_by_method': {
-          method: ablation(model, z, examples, r, settings.seed)
+          method: faithfulness.ablation(model, z, examples, r, settings.seed)
           for method, r in relevances.items()},
       'traversal': traversal,
       'judge': judges.heldout,
       'settings': {**dataclasses.asdict(settings), 'num_eval': num_eval,
                    'num_reference': len(examples.images),
                    'num_judge': len(judge_examples.images),
-                   'workdir': os.path.abspath(workdir), 'checkpoint_step': step,
+                   'workdir': os.path.abspath(workdir),
+                   'checkpoint_step': step,
                    'alphas': list(ALPHAS), 'steps': list(STEPS)},
   }
   result['ablation_summary'] = {
-      method: _ablation_summary(table)
+      method: faithfulness.ablation_summary(table)
       for method, table in result['ablation_by_method'].items()}
   _write_json(os.path.join(out, 'explain.json'), result)
   explain_figures.write_page(
@@ -426,17 +267,6 @@ def explain(workdir: str, out: str, config,
 
 def _mean_gradient_sign(model, z, k, j) -> float:
   return float(model.gradients(z[:256])[:, k, j].mean())
-
-
-def _ablation_summary(table: dict) -> dict:
-  """How many findings pass top5 ≥ 5 × random5."""
-  findings = [name for name in table if name in labels_lib.FINDINGS]
-  passed = [name for name in findings
-            if table[name]['top5_auc_drop']
-            >= 5 * max(table[name]['random5_auc_drop'], 0.0)
-            and table[name]['top5_auc_drop'] > 0]
-  return {'findings': len(findings), 'passed': len(passed),
-          'passed_names': passed}
 
 
 def _file_name(name: str) -> str:

@@ -20,6 +20,7 @@ from input_pipeline import phantom
 from input_pipeline import pipeline
 from pumamednet_jax import checkpoints
 from pumamednet_jax import explain
+from pumamednet_jax import faithfulness
 from pumamednet_jax import judge as judge_lib
 from pumamednet_jax import latent as latent_lib
 from pumamednet_jax import models
@@ -167,11 +168,11 @@ def test_judges_read_sex_view_and_heart_size_from_phantom_images():
 def test_specificity_and_rho_on_known_curves():
   steps = np.linspace(-2, 2, 5)
   rising = np.tile(steps, (3, 1))
-  assert explain.median_rho(steps, rising) == pytest.approx(1.0)
-  assert explain.median_rho(steps, -rising) == pytest.approx(-1.0)
-  assert explain.median_rho(steps, np.ones((3, 5))) == 0.0
+  assert faithfulness.median_rho(steps, rising) == pytest.approx(1.0)
+  assert faithfulness.median_rho(steps, -rising) == pytest.approx(-1.0)
+  assert faithfulness.median_rho(steps, np.ones((3, 5))) == 0.0
   judged = {'a': rising, 'b': 0.2 * rising, 'c': -0.5 * rising}
-  worst, each = explain.specificity(judged, 'a', ['b', 'c'])
+  worst, each = faithfulness.specificity(judged, 'a', ['b', 'c'])
   assert worst == pytest.approx(0.5)
   assert each == pytest.approx({'b': 0.2, 'c': 0.5})
 
