@@ -15,11 +15,12 @@ mechanics are tested on synthetic latents with a known confounder direction:
 import dataclasses
 
 import numpy as np
-from scipy import stats as scipy_stats
 from sklearn import linear_model
 from sklearn import metrics
 from sklearn import pipeline
 from sklearn import preprocessing
+
+from pumamednet_jax import stats
 
 # Ridge added to the covariance (relative to its mean variance) before it is
 # inverted: latents the prior has collapsed have almost no variance.
@@ -150,28 +151,14 @@ def fit_eraser(latents: np.ndarray, confounder: np.ndarray) -> Eraser:
 def auc_interval(targets: np.ndarray, scores: np.ndarray, *,
                  num_resamples: int = 1000, seed: int = 0,
                  level: float = 0.95) -> tuple[float, float, float]:
-  """AUC and its percentile bootstrap interval, positives and negatives
-  resampled separately (every resample keeps the split's class counts).
-
-  Hand-written: scipy.stats.bootstrap cannot stratify, and a resample
-  without positives has no AUC. The AUC of every resample comes from ranks
-  (the Mann–Whitney statistic), all resamples at once.
-  """
-  targets = _check_binary(targets, 'targets').astype(bool)
+  """AUC and its percentile bootstrap interval (`stats`' bootstrap,
+  stratified by class: every resample keeps the split's class counts)."""
+  targets = _check_binary(targets, 'targets').astype(np.float32)
   scores = np.asarray(scores, np.float64).ravel()
-  positives, negatives = scores[targets], scores[~targets]
-  auc = float(metrics.roc_auc_score(targets, scores))
-  rng = np.random.default_rng(seed)
-  drawn_positives = positives[rng.integers(
-      0, len(positives), (num_resamples, len(positives)))]
-  drawn_negatives = negatives[rng.integers(
-      0, len(negatives), (num_resamples, len(negatives)))]
-  ranks = scipy_stats.rankdata(
-      np.concatenate([drawn_positives, drawn_negatives], axis=1), axis=1)
-  num_positives, num_negatives = len(positives), len(negatives)
-  replicates = ((ranks[:, :num_positives].sum(axis=1)
-                 - num_positives * (num_positives + 1) / 2)
-                / (num_positives * num_negatives))
-  tail = 100 * (1 - level) / 2
-  low, high = np.percentile(replicates, [tail, 100 - tail])
-  return auc, float(low), float(high)
+  resampling = stats.Resampling(
+      len(scores), events=np.stack([targets > 0.5, targets < 0.5], axis=1),
+      num_resamples=num_resamples, seed=seed)
+  replicates = stats.bootstrap({'auc': stats.auc_statistic(scores, targets)},
+                               resampling)['auc']
+  low, high = stats.interval(replicates, level)
+  return stats.auc(scores, targets), low, high

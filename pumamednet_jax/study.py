@@ -22,14 +22,14 @@ from pumamednet_jax import train
 
 # Setting name -> config overrides ('a.b' keys).
 SETTINGS = {
-    'beta0': {'loss.beta': 0.0},
     'beta1': {'loss.beta': 1.0},
     'beta4': {'loss.beta': 4.0},
     'beta16': {'loss.beta': 16.0},
-    # γ·|KL − C|, C rising to loss.capacity_max over loss.capacity_steps.
-    'capacity': {'loss.capacity_gamma': 100.0},
     # β-TCVAE with β_TC = 6 (β = 1 + tc_weight 5).
     'tc': {'loss.tc_weight': 5.0},
+    # γ·|KL − C|, C rising to loss.capacity_max over loss.capacity_steps.
+    'capacity': {'loss.capacity_gamma': 100.0},
+    'beta0': {'loss.beta': 0.0},
 }
 COLUMNS = (('mean_auc', 'mean AUC'), ('ssim_gain', 'SSIM gain'),
            ('mig', 'MIG'), ('dci_disentanglement', 'DCI D'),
