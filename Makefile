@@ -20,7 +20,7 @@ TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 # fewer page faults (README, Performance, memory pages).
 HUGEPAGES := GLIBC_TUNABLES=$${GLIBC_TUNABLES:+$$GLIBC_TUNABLES:}glibc.malloc.hugetlb=1
 
-.PHONY: setup demo study bias-study test summary benchmark clean
+.PHONY: setup demo study bias-study test summary benchmark explain clean
 
 setup: $(VENV)/.installed
 
@@ -46,6 +46,11 @@ test: setup
 
 summary: setup
 	$(PY) -m pumamednet_jax.summary --config=$(CONFIG)
+
+# Figures 5 and 6, relevance, faithfulness and index.html of the demo's model.
+explain: setup
+	$(PY) -m pumamednet_jax.explain --config=$(CONFIG) --workdir=$(WORKDIR) \
+	  --out=$(WORKDIR)/explain
 
 benchmark: setup
 	$(PY) -m pumamednet_jax.benchmark --config=$(CONFIG) --vs_torch
