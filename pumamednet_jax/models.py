@@ -302,7 +302,7 @@ def build(model_config: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
   if model_config.arch == RESNET18:
     from pumamednet_jax import resnet  # pylint: disable=g-import-not-at-top
     return resnet.ResNet18(model_config.heads, dtype=model_config.dtype,
-                           rngs=rngs)
+                           conv_impl=model_config.conv_impl, rngs=rngs)
   return PumaMedNet(model_config, rngs=rngs)
 
 

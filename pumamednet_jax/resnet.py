@@ -42,6 +42,29 @@ def _conv(cin: int, cout: int, size: int, stride: int, dtype, rngs) -> nnx.Conv:
                   kernel_init=CONV_INIT, rngs=rngs)
 
 
+def conv_patches(layer: nnx.Conv, x: jax.Array) -> jax.Array:
+  """`layer(x)` (no bias) as one matmul of the k×k patches (im2col): XLA:CPU
+  runs the gradients of strided and 3×3 convolutions with slow generic
+  loops, and those of slices and matmuls fast (the forms of `fast_conv`
+  cover only PumaMedNet's 4×4 stride-2 layers)."""
+  kh, kw, cin, cout = layer.kernel.shape
+  stride, ((pad, _), _) = layer.strides, layer.padding  # as `_conv` builds it
+  x = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0))).astype(layer.dtype)
+  h = (x.shape[1] - kh) // stride + 1
+  w = (x.shape[2] - kw) // stride + 1
+  patches = jnp.concatenate(
+      [x[:, i:i + stride * (h - 1) + 1:stride, j:j + stride * (w - 1) + 1:stride]
+       for i in range(kh) for j in range(kw)], axis=-1)
+  kernel = layer.kernel[...].astype(layer.dtype).reshape(kh * kw * cin, cout)
+  return (patches.reshape(-1, kh * kw * cin) @ kernel).reshape(
+      x.shape[0], h, w, cout)
+
+
+def _apply(layer: nnx.Conv, x: jax.Array, conv_impl: str) -> jax.Array:
+  """The conv in the platform's form: patches on the CPU ('fast')."""
+  return conv_patches(layer, x) if conv_impl == 'fast' else layer(x)
+
+
 def _bn(features: int, dtype, rngs) -> nnx.BatchNorm:
   return nnx.BatchNorm(features, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
                        dtype=dtype, rngs=rngs)
@@ -51,7 +74,9 @@ class BasicBlock(nnx.Module):
   """Two 3×3 convs with batch norm, plus the input (through a strided 1×1
   conv and batch norm, `downsample`, where the shape changes)."""
 
-  def __init__(self, cin: int, cout: int, stride: int, dtype, *, rngs: nnx.Rngs):
+  def __init__(self, cin: int, cout: int, stride: int, dtype, conv_impl: str,
+               *, rngs: nnx.Rngs):
+    self.conv_impl = conv_impl
     self.conv1 = _conv(cin, cout, 3, stride, dtype, rngs)
     self.bn1 = _bn(cout, dtype, rngs)
     self.conv2 = _conv(cout, cout, 3, 1, dtype, rngs)
@@ -62,18 +87,21 @@ class BasicBlock(nnx.Module):
 
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     norm = dict(use_running_average=not train)
-    y = jax.nn.relu(self.bn1(self.conv1(x), **norm))
-    y = self.bn2(self.conv2(y), **norm)
+    conv = lambda layer, x: _apply(layer, x, self.conv_impl)
+    y = jax.nn.relu(self.bn1(conv(self.conv1, x), **norm))
+    y = self.bn2(conv(self.conv2, y), **norm)
     if self.downsample is not None:
-      conv, bn = self.downsample
-      x = bn(conv(x), **norm)
+      shortcut, bn = self.downsample
+      x = bn(conv(shortcut, x), **norm)
     return jax.nn.relu(x + y)
 
 
 class Backbone(nnx.Module):
   """Stem, four stages and global average pooling: (B, S, S, C) → (B, 512)."""
 
-  def __init__(self, in_channels: int, dtype, *, rngs: nnx.Rngs):
+  def __init__(self, in_channels: int, dtype, conv_impl: str, *,
+               rngs: nnx.Rngs):
+    self.conv_impl = conv_impl
     self.conv1 = _conv(in_channels, STAGES[0], 7, 2, dtype, rngs)
     self.bn1 = _bn(STAGES[0], dtype, rngs)
     cin = STAGES[0]
@@ -81,12 +109,14 @@ class Backbone(nnx.Module):
       blocks = []
       for j in range(BLOCKS_PER_STAGE):
         stride = 2 if i > 0 and j == 0 else 1
-        blocks.append(BasicBlock(cin, width, stride, dtype, rngs=rngs))
+        blocks.append(BasicBlock(cin, width, stride, dtype, conv_impl,
+                                 rngs=rngs))
         cin = width
       setattr(self, f'layer{i + 1}', nnx.List(blocks))
 
   def __call__(self, images: jax.Array, train: bool) -> jax.Array:
-    x = jax.nn.relu(self.bn1(self.conv1(images), use_running_average=not train))
+    x = _apply(self.conv1, images, self.conv_impl)
+    x = jax.nn.relu(self.bn1(x, use_running_average=not train))
     x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     for i in range(len(STAGES)):
       for block in getattr(self, f'layer{i + 1}'):
@@ -106,10 +136,10 @@ class ResNet18(nnx.Module):
   (None, head outputs, {}), having no reconstruction and no latents."""
 
   def __init__(self, heads: Sequence[heads_lib.HeadSpec], *, in_channels: int = 1,
-               dtype='float32', rngs: nnx.Rngs):
+               dtype='float32', conv_impl: str = 'xla', rngs: nnx.Rngs):
     self.heads = tuple(heads)
     dtype = jnp.dtype(dtype)
-    self.encoder = Backbone(in_channels, dtype, rngs=rngs)
+    self.encoder = Backbone(in_channels, dtype, conv_impl, rngs=rngs)
     self.classifier = Classifier(sum(h.size for h in self.heads), dtype,
                                  rngs=rngs)
 

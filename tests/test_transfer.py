@@ -223,3 +223,12 @@ def test_compare_writes_table_2(covid3_runs, tmp_path):
   table = (tmp_path / 'compare.md').read_text()
   assert '| Precision | Recall | F1 | Support |' in table
   assert runs[1] in table
+
+
+@pytest.mark.parametrize('size, stride, cin', [(7, 2, 1), (3, 1, 8), (3, 2, 8),
+                                               (1, 2, 8)])
+def test_resnet18_patches_form_computes_the_flax_conv(size, stride, cin):
+  layer = resnet._conv(cin, 16, size, stride, np.float32, nnx.Rngs(0))  # pylint: disable=protected-access
+  x = jax.random.normal(jax.random.key(0), (2, 16, 16, cin))
+  np.testing.assert_allclose(resnet.conv_patches(layer, x), layer(x),
+                             rtol=1e-4, atol=1e-4)
