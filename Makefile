@@ -1,9 +1,15 @@
 # Fresh machine: `make demo` (train + evaluate on the phantom) or `make test`.
 # Both create .venv from the pinned requirements.txt when it is missing.
+# `make study`: the demo config at several β and loss options, scored for
+# disentanglement (pumamednet_jax/study.py), into STUDY_DIR.
+# `make bias-study`: the demo config at confounder strengths 0, 0.8 and 1,
+# audited and mitigated (pumamednet_jax/bias_study.py), into BIAS_STUDY_DIR.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 WORKDIR ?= workdir/demo
+STUDY_DIR ?= workdir/study
+BIAS_STUDY_DIR ?= workdir/bias_study
 CONFIG ?= configs/default.py
 # Index of PyTorch's CPU wheels: requirements.txt pins torch==X+cpu, which PyPI does
 # not have. Only the torch step uses it, so where it is unreachable (pip then warns
@@ -14,7 +20,7 @@ TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 # fewer page faults (README, Performance, memory pages).
 HUGEPAGES := GLIBC_TUNABLES=$${GLIBC_TUNABLES:+$$GLIBC_TUNABLES:}glibc.malloc.hugetlb=1
 
-.PHONY: setup demo test summary benchmark transfer clean
+.PHONY: setup demo study bias-study test summary benchmark transfer clean
 
 # `make transfer`: the demo's model ($(WORKDIR)) fine-tuned on the phantom's covid3
 # variant with 500 and 2,000 training images, against the same architecture and
@@ -34,6 +40,12 @@ $(VENV)/.installed: requirements.txt
 
 demo: setup
 	$(HUGEPAGES) $(PY) main.py --config=$(CONFIG) --workdir=$(WORKDIR)
+
+study: setup
+	$(HUGEPAGES) $(PY) -m pumamednet_jax.study --config=$(CONFIG) --out=$(STUDY_DIR)
+
+bias-study: setup
+	$(HUGEPAGES) $(PY) -m pumamednet_jax.bias_study --config=$(CONFIG) --out=$(BIAS_STUDY_DIR)
 
 test: setup
 	$(PY) -m pytest -q -n 2 tests

@@ -82,6 +82,16 @@ def get_config() -> ml_collections.ConfigDict:
   config.loss.beta = 1.0
   # Steps over which β ramps linearly from 0 to its value (0 = no warm-up).
   config.loss.beta_warmup_steps = 0
+  # Capacity objective (Burgess et al. 2018): γ of γ·|KL − C| (per pixel, as
+  # β), which then replaces β·KL (0 = off).
+  config.loss.capacity_gamma = 0.0
+  # The capacity C_max in nats (KL summed over latents, mean over examples).
+  config.loss.capacity_max = 25.0
+  # Steps over which C rises linearly from 0 to capacity_max (0 = at once).
+  config.loss.capacity_steps = 2_000
+  # Extra weight on the total correlation of z (β-TCVAE, Chen et al. 2018:
+  # β_TC = β + tc_weight), estimated per micro-batch (0 = off).
+  config.loss.tc_weight = 0.0
   # Weight of the classification losses (BCE / cross-entropy): 4 favours the
   # findings in the short CPU demo (the paper preset sums the terms with 1).
   config.loss.classification_weight = 4.0

@@ -10,6 +10,12 @@ BuilderConfig name, so different settings live in different directories.
                                 num_validation=2_000, num_test=2_000)
   builder.download_and_prepare()
   train = builder.as_dataset(split='train')
+
+Besides train / validation / test (drawn with the configured confounder
+strength), every data set has the bias-audit splits, whose support device
+follows its own rule (`phantom.AUDIT_SPLIT_STRENGTHS`): validation_deconfounded
+and test_deconfounded (device independent of every finding), and
+test_anticorrelated (device mostly on the confounder target's negatives).
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ import tensorflow_datasets as tfds
 from input_pipeline import labels as labels_lib
 from input_pipeline import phantom
 
-_VERSION = tfds.core.Version('1.0.0')
+_VERSION = tfds.core.Version('1.1.0')
 # Examples rendered per task (vectorised in numpy), and rendering threads.
 _RENDER_BLOCK = 256
 _RENDER_THREADS = 2
@@ -114,7 +120,11 @@ class CxrPhantom(tfds.core.GeneratorBasedBuilder):
   """Procedural phantom chest X-rays with known generating factors."""
 
   VERSION = _VERSION
-  RELEASE_NOTES = {'1.0.0': 'First release.'}
+  RELEASE_NOTES = {
+      '1.0.0': 'First release.',
+      '1.1.0': 'Bias-audit splits validation_deconfounded, test_deconfounded '
+               'and test_anticorrelated; the other splits are unchanged.',
+  }
   BUILDER_CONFIGS = [
       make_config(image_size=size, variant='chestxray14', num_train=20_000,
                   num_validation=2_000, num_test=2_000)
@@ -181,6 +191,12 @@ class CxrPhantom(tfds.core.GeneratorBasedBuilder):
         'validation': self._generate_examples('validation',
                                               config.num_validation),
         'test': self._generate_examples('test', config.num_test),
+        'validation_deconfounded': self._generate_examples(
+            'validation_deconfounded', config.num_validation),
+        'test_deconfounded': self._generate_examples('test_deconfounded',
+                                                     config.num_test),
+        'test_anticorrelated': self._generate_examples('test_anticorrelated',
+                                                       config.num_test),
     }
 
   def _sample_kwargs(self) -> dict[str, Any]:

@@ -330,3 +330,36 @@ def create_eval_batches(sources: Sequence[Source], heads, *, split: str,
   ds = _local_slices(ds.concatenate(padding), global_batch_size, image_size,
                      process_index, process_count)
   return iter(tfds.as_numpy(ds.prefetch(tf.data.AUTOTUNE)))
+
+
+def example_ids(sources: Sequence[Source], split: str,
+                num_examples_limit: int = 0) -> dict[str, np.ndarray]:
+  """`id` (the position where a data set has none) and, where every data set
+  has one, `patient_id` of each example of `split`, in the order of
+  `create_eval_batches`."""
+  ids, patients = [], []
+  for source in sources:
+    builder = source.builder
+    features = builder.info.features
+    wanted = {name: True for name in ('id', 'patient_id') if name in features}
+    count = builder.info.splits[split].num_examples
+    if not wanted:
+      ids.extend(f'{source.name}-{i}' for i in range(count))
+      patients.append(None)
+      continue
+    ds = builder.as_dataset(split=split, shuffle_files=False,
+                            decoders=tfds.decode.PartialDecoding(wanted))
+    part = {name: [] for name in wanted}
+    for example in tfds.as_numpy(ds):
+      for name in wanted:
+        part[name].append(example[name])
+    ids.extend(i.decode() if isinstance(i, bytes) else str(i)
+               for i in part.get('id', range(count)))
+    patients.append(np.asarray(part['patient_id']) if 'patient_id' in part
+                    else None)
+  result = {'id': np.asarray(ids, dtype=object)}
+  if all(p is not None for p in patients):
+    result['patient_id'] = np.concatenate(patients)
+  if num_examples_limit:
+    result = {k: v[:num_examples_limit] for k, v in result.items()}
+  return result

@@ -102,6 +102,22 @@ def _resolve_step(manager: ocp.CheckpointManager, workdir: str,
   return step
 
 
+def choose_step(manager: ocp.CheckpointManager, workdir: str,
+                step: int | None = None) -> int:
+  """`step` (checked), or else the best step by validation mean AUC, or
+  else (no step has that metric) the latest."""
+  if step is not None:
+    return _resolve_step(manager, workdir, step)
+  scored = {}
+  for candidate in manager.all_steps():
+    metrics = manager.metrics(candidate) or {}
+    if BEST_METRIC in metrics:
+      scored[candidate] = metrics[BEST_METRIC]
+  if scored:
+    return max(scored, key=lambda s: (scored[s], s))
+  return _resolve_step(manager, workdir, None)
+
+
 def load_params(workdir: str,
                 step: int | None = None) -> tuple[models.ModelConfig, dict]:
   """The model config and parameters (NumPy) of a step (default: the latest)."""

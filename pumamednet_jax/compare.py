@@ -2,12 +2,13 @@
 
   python -m pumamednet_jax.compare --workdirs A B ... [--split test] --out DIR
 
-For the multi-class head of each run's latest checkpoint (all runs must have
-one of the same classes, scored on the same examples): per-class precision,
-recall, F1 and support, accuracy and the macro (one-vs-rest) AUC with a 95%
-bootstrap interval; for every run after the first, the paired bootstrap of
-its AUC minus the first run's (interval and two-sided p-value); the number of
-parameters and the training loop's images/s. The images are scored as they
+For the multi-class head of each run's checkpoint (the best by validation
+mean AUC, or else the latest; all runs must have one of the same classes,
+scored on the same examples): per-class precision, recall, F1 and support,
+accuracy and the macro (one-vs-rest) AUC with a 95% bootstrap interval; for
+every run after the first, the paired bootstrap of its AUC minus the first
+run's (interval and two-sided p-value); the number of parameters and the
+training loop's images/s. The images are scored as they
 are (no defects). Writes DIR/compare.json and DIR/compare.md.
 """
 
@@ -24,8 +25,11 @@ from sklearn import metrics as sk_metrics
 
 from input_pipeline import heads as heads_lib
 from input_pipeline import pipeline
-from pumamednet_jax import checkpoints
+from pumamednet_jax import defects as defects_lib
+from pumamednet_jax import inference
 from pumamednet_jax import models
+from pumamednet_jax import parallel
+from pumamednet_jax import stats
 from pumamednet_jax import train
 
 LEVEL = 0.95
@@ -50,32 +54,27 @@ def _multiclass_head(model_config, workdir: str) -> heads_lib.HeadSpec:
 
 
 def predictions(workdir: str, split: str):
-  """(model config, head, targets (n,), probabilities (n, K)) of the latest
-  checkpoint on `split`, its images as they are."""
+  """(model config, head, targets (n,), probabilities (n, K)) of the run's
+  checkpoint (`inference.load_checkpoint`'s choice) on `split`, its images
+  as they are."""
   config = run_config(workdir)
-  model_config, params = checkpoints.load_params(workdir)
+  mesh = jax.sharding.Mesh(jax.local_devices()[:1], (parallel.AXIS,))
+  checkpoint = inference.load_checkpoint(workdir, mesh)
+  model_config = checkpoint.model_config
   head = _multiclass_head(model_config, workdir)
   sources = pipeline.get_sources(config)
   pipeline.prepare(sources)
-
-  @jax.jit
-  def scores(params, images):
-    model = models.bind(model_config, params)
-    _, outputs, _ = model(images.astype(np.float32) / 255.0, train=False)
-    return models.head_scores(head, outputs[head.name])
-
-  targets, probs = [], []
-  for batch in pipeline.create_eval_batches(
+  score = inference.make_score_fn(
+      mesh, model_config, defects_lib.DefectConfig.from_config(config),
+      config.seed, policy=checkpoint.policy, defective=False)
+  batches = pipeline.create_eval_batches(
       sources, model_config.heads, split=split,
       image_size=model_config.image_size, global_batch_size=config.batch_size,
-      num_examples_limit=0, process_index=0, process_count=1):
-    known = np.asarray(batch['valid']) > 0
-    mask = batch.get(f'{head.name}_mask')
-    if mask is not None:
-      known &= np.asarray(mask) > 0
-    targets.append(np.asarray(batch[head.name])[known])
-    probs.append(np.asarray(scores(params, batch['image']))[known])
-  return model_config, head, np.concatenate(targets).astype(int), np.concatenate(probs)
+      num_examples_limit=0, process_index=0, process_count=1)
+  outputs = inference.score_split(score, checkpoint.params, batches, mesh)
+  known = outputs[f'{head.name}/mask'] > 0
+  return (model_config, head, outputs[f'{head.name}/target'][known].astype(int),
+          outputs[f'{head.name}/score'][known])
 
 
 def train_images_per_second(workdir: str, batch_size: int) -> float | None:
@@ -102,23 +101,22 @@ def macro_auc(targets: np.ndarray, probs: np.ndarray) -> float:
 def bootstrap_aucs(targets: np.ndarray, probs: list[np.ndarray],
                    num_resamples: int, seed: int) -> np.ndarray:
   """(resamples, runs) macro AUCs, every run on the same resamples of the
-  examples (so differences are paired); resamples missing a class are drawn
-  again. By hand: `scipy.stats.bootstrap` does not share resamples between
-  statistics of several runs."""
-  rng = np.random.default_rng(seed)
-  num_classes, n = probs[0].shape[1], len(targets)
-  rows = []
-  while len(rows) < num_resamples:
-    index = rng.integers(0, n, n)
-    if len(np.unique(targets[index])) < num_classes:
-      continue
-    rows.append([macro_auc(targets[index], p[index]) for p in probs])
-  return np.asarray(rows)
+  examples (so differences are paired), each holding every class and its
+  rest: the mean of the one-vs-rest `stats.auc_statistic`s."""
+  num_classes = probs[0].shape[1]
+  onehot = targets[:, None] == np.arange(num_classes)
+  resampling = stats.Resampling(
+      len(targets), events=np.concatenate([onehot, ~onehot], axis=1),
+      num_resamples=num_resamples, seed=seed)
 
+  def macro(p):
+    per_class = [stats.auc_statistic(p[:, c], onehot[:, c])
+                 for c in range(num_classes)]
+    return lambda weights: np.mean([f(weights) for f in per_class], axis=0)
 
-def _interval(values: np.ndarray) -> tuple[float, float]:
-  low, high = np.quantile(values, [(1 - LEVEL) / 2, (1 + LEVEL) / 2])
-  return float(low), float(high)
+  replicates = stats.bootstrap({str(i): macro(p) for i, p in enumerate(probs)},
+                               resampling)
+  return np.stack([replicates[str(i)] for i in range(len(probs))], axis=1)
 
 
 def compare(workdirs: list[str], split: str = 'test', num_resamples: int = 1000,
@@ -144,7 +142,7 @@ def compare(workdirs: list[str], split: str = 'test', num_resamples: int = 1000,
     predicted = np.argmax(probs, axis=-1)
     precision, recall, f1, support = sk_metrics.precision_recall_fscore_support(
         targets, predicted, labels=labels, zero_division=0)
-    low, high = _interval(aucs[:, i])
+    low, high = stats.interval(aucs[:, i], LEVEL)
     entry = {
         'arch': model_config.arch,
         'params': models.num_params(model_config),
@@ -161,7 +159,7 @@ def compare(workdirs: list[str], split: str = 'test', num_resamples: int = 1000,
     }
     if i:
       difference = aucs[:, i] - aucs[:, 0]
-      low, high = _interval(difference)
+      low, high = stats.interval(difference, LEVEL)
       entry['macro_auc_minus_first'] = {
           'first': first,
           'value': entry['macro_auc']['value'] - result[first]['macro_auc']['value'],

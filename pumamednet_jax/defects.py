@@ -223,3 +223,27 @@ def random_defects_batch(rng: jax.Array, images: jax.Array,
   keys = jax.random.split(rng, images.shape[0])
   return jax.vmap(lambda key, image: random_defects(key, image, config))(
       keys, images)
+
+
+# Streams of randomness folded into the seed, so train and eval never share.
+TRAIN_STREAM, EVAL_STREAM = 0, 1
+
+
+def example_keys(seed: int, stream: int, counter: jax.Array,
+                 positions: jax.Array) -> jax.Array:
+  """One key per example, from (seed, stream, step or batch, position): the
+  draws of an example do not depend on how batches are split over devices."""
+  base = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), stream),
+                            counter)
+  return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(base, positions)
+
+
+def defective_inputs(images: jax.Array, keys: jax.Array,
+                     config: DefectConfig) -> tuple[jax.Array, jax.Array]:
+  """(B, H, W, 1) uint8 images and one key per example → (clean, defective)
+  float images in [0, 1]; the defects are drawn from each key's fold 0."""
+  clean = images.astype(jnp.float32) / 255.0
+  defect_keys = jax.vmap(lambda k: jax.random.fold_in(k, 0))(keys)
+  defective = jax.vmap(lambda key, image: random_defects(key, image, config))(
+      defect_keys, clean)
+  return clean, defective

@@ -3,7 +3,10 @@
 Every term is a scalar averaged over the examples of the (per-device) batch;
 `total_loss` weighs them from config and returns each term for logging. A
 batch may be computed in micro-batches: with the whole batch's
-`loss_normalisers`, the terms of its micro-batches add up to the batch's.
+`loss_normalisers`, the terms of its micro-batches add up to the batch's,
+except the two options that are not means over examples (the capacity gap
+and the total correlation): those are computed per micro-batch, and their
+shares add up to the mean over micro-batches.
 """
 
 import dataclasses
@@ -37,12 +40,17 @@ class LossConfig:
   ssim_filter_size: int = 7
   ssim_filter_sigma: float = 1.5
   ssim_filter: str = 'banded'  # one of SSIM_FILTERS
+  capacity_gamma: float = 0.0
+  capacity_max: float = 25.0
+  capacity_steps: int = 0
+  tc_weight: float = 0.0
 
   @classmethod
   def from_config(cls, config) -> 'LossConfig':
     loss = config.loss
     for name in ('ssim_weight', 'recon_weight', 'beta', 'classification_weight',
-                 'age_weight', 'beta_warmup_steps'):
+                 'age_weight', 'beta_warmup_steps', 'capacity_gamma',
+                 'capacity_max', 'capacity_steps', 'tc_weight'):
       if loss[name] < 0:
         raise ValueError(f'config.loss.{name} must be >= 0, got {loss[name]}')
     if loss.lung_weight < 1:
@@ -64,6 +72,10 @@ class LossConfig:
         ssim_filter_size=loss.ssim_filter_size,
         ssim_filter_sigma=loss.ssim_filter_sigma,
         ssim_filter=loss.ssim_filter,
+        capacity_gamma=loss.capacity_gamma,
+        capacity_max=loss.capacity_max,
+        capacity_steps=loss.capacity_steps,
+        tc_weight=loss.tc_weight,
     )
 
 
@@ -189,6 +201,39 @@ def beta_at(step: jax.Array, config: LossConfig) -> jax.Array:
   return config.beta * ramp
 
 
+def capacity_at(step: jax.Array, config: LossConfig) -> jax.Array:
+  """The KL target C of the capacity objective (nats): raised linearly from 0
+  to `capacity_max` over `capacity_steps` (at once when 0)."""
+  if config.capacity_steps <= 0:
+    return jnp.asarray(config.capacity_max, jnp.float32)
+  ramp = jnp.minimum(step.astype(jnp.float32) / config.capacity_steps, 1.0)
+  return config.capacity_max * ramp
+
+
+def gaussian_log_density(z: jax.Array, mu: jax.Array,
+                         logvar: jax.Array) -> jax.Array:
+  """log N(z; mu, exp(logvar)) per dimension."""
+  return -0.5 * (jnp.log(2 * jnp.pi) + logvar + (z - mu)**2 * jnp.exp(-logvar))
+
+
+def total_correlation(z: jax.Array, mu: jax.Array,
+                      logvar: jax.Array) -> jax.Array:
+  """Total correlation KL(q(z) || prod_d q(z_d)) of the aggregate posterior,
+  estimated on the batch by minibatch-weighted sampling (Chen et al. 2018).
+
+  q(z_i) and q(z_id) are the batch's mixtures of its M posteriors,
+  (1/M) sum_j q(z_i | x_j). Chen et al.'s weights 1/(N M) for a data set of N
+  examples would add (D - 1) log N, a constant without gradient that is left
+  out: the estimate is 0 when all posteriors of the batch are the same.
+  """
+  batch = z.shape[0]
+  # (i, j, d): the density of sample i under the posterior of example j.
+  log_q = gaussian_log_density(z[:, None, :], mu[None], logvar[None])
+  log_joint = jax.nn.logsumexp(log_q.sum(axis=-1), axis=1) - jnp.log(batch)
+  log_marginals = jax.nn.logsumexp(log_q, axis=1) - jnp.log(batch)
+  return jnp.mean(log_joint - log_marginals.sum(axis=-1))
+
+
 def known_targets(mask: jax.Array, target: jax.Array) -> jax.Array:
   """How many targets a head's loss averages over: the known ones (at least 1)."""
   return jnp.maximum(jnp.sum(jnp.broadcast_to(mask, target.shape)), 1.0)
@@ -254,11 +299,18 @@ def total_loss(
   β multiplies the KL divided by the number of pixels, because the
   reconstruction terms are per-pixel means: β = 1 is then the plain VAE
   objective (reconstruction summed over pixels + KL) and β > 1 the β-VAE.
+  Two options, scaled the same way: with `capacity_gamma` > 0, γ |KL − C|
+  replaces β KL (Burgess et al. 2018, C from `capacity_at`); with
+  `tc_weight` > 0, that weight times the total correlation of the sampled z
+  is added (β-TCVAE, Chen et al. 2018, whose β_TC is β + tc_weight).
 
   `normalisers` (`loss_normalisers` of the whole batch) when the arguments
   are one micro-batch of it: then every returned value is that micro-batch's
   share, and the shares of all micro-batches add up to the batch's values.
-  By default the arguments are the whole batch.
+  By default the arguments are the whole batch. The capacity gap and the
+  total correlation are the micro-batch's own (the TC estimate needs the z
+  of a whole batch; it gets the micro-batch's), so over micro-batches they
+  add up to the mean of the micro-batches' values, not to the batch's.
   """
   if normalisers is None:
     normalisers = loss_normalisers(batch, heads, clean.shape[0])
@@ -273,10 +325,18 @@ def total_loss(
       'kl': share * kl_divergence(latents['mu'], latents['logvar']),
   }
   num_pixels = np.prod(clean.shape[1:])
-  beta = beta_at(step, config)
   total = (config.ssim_weight * terms['ssim'] +
-           config.recon_weight * terms['recon'] +
-           beta * terms['kl'] / num_pixels)
+           config.recon_weight * terms['recon'])
+  if config.capacity_gamma > 0:
+    kl = kl_divergence(latents['mu'], latents['logvar'])
+    terms['capacity_gap'] = share * jnp.abs(kl - capacity_at(step, config))
+    total = total + config.capacity_gamma * terms['capacity_gap'] / num_pixels
+  else:
+    total = total + beta_at(step, config) * terms['kl'] / num_pixels
+  if config.tc_weight > 0:
+    terms['tc'] = share * total_correlation(latents['z'], latents['mu'],
+                                            latents['logvar'])
+    total = total + config.tc_weight * terms['tc'] / num_pixels
   heads_total, head_terms = heads_loss(head_outputs=head_outputs, batch=batch,
                                        heads=heads, config=config,
                                        normalisers=normalisers)

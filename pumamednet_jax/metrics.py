@@ -17,12 +17,6 @@ def train_collection(names) -> type[metrics.Collection]:
       **{name: metrics.Average.from_output(name) for name in names})
 
 
-def eval_collector(names) -> type[metrics.CollectingMetric]:
-  """A clu metric that gathers the named per-example eval outputs on the host;
-  its `compute()` concatenates them for the AUCs of `eval_report`."""
-  return metrics.CollectingMetric.from_outputs(tuple(names))
-
-
 def _safe_auc(targets: np.ndarray, scores: np.ndarray) -> float:
   """ROC AUC, or NaN where only one class is present."""
   if len(np.unique(targets)) < 2:

@@ -143,12 +143,21 @@ class ResNet18(nnx.Module):
     self.classifier = Classifier(sum(h.size for h in self.heads), dtype,
                                  rngs=rngs)
 
+  def encode(self, images: jax.Array, train: bool = False
+             ) -> tuple[jax.Array, None]:
+    """(B, S, S, C) images in [0, 1] → ((B, 512) features, None): the shape
+    of `PumaMedNet.encode`'s (mu, logvar), for the code that scores heads."""
+    return self.encoder(images, train), None
+
+  def classify(self, features: jax.Array) -> dict[str, jax.Array]:
+    """(B, 512) features → {head name: logits}."""
+    logits = self.classifier.out(features).astype(jnp.float32)
+    return models.split_heads(logits, self.heads)
+
   def __call__(self, images: jax.Array, rng: jax.Array | None = None, *,
                train: bool = False):
     del rng  # deterministic
-    features = self.encoder(images, train)
-    logits = self.classifier.out(features).astype(jnp.float32)
-    return None, models.split_heads(logits, self.heads), {}
+    return None, self.classify(self.encode(images, train)[0]), {}
 
 
 # --- torchvision's state dict ------------------------------------------------

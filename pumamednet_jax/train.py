@@ -2,6 +2,7 @@
 
 import dataclasses
 import functools
+import itertools
 import math
 import os
 import signal
@@ -19,6 +20,7 @@ from PIL import Image
 from input_pipeline import heads as heads_lib
 from pumamednet_jax import checkpoints
 from pumamednet_jax import defects as defects_lib
+from pumamednet_jax import inference
 from pumamednet_jax import losses
 from pumamednet_jax import metrics as metrics_lib
 from pumamednet_jax import models
@@ -27,8 +29,6 @@ from pumamednet_jax import platform as platform_lib
 from pumamednet_jax import preemption as preemption_lib
 from pumamednet_jax import transfer
 
-# Streams of randomness folded into the seed, so train and eval never share.
-TRAIN_STREAM, EVAL_STREAM = 0, 1
 # How long the other processes wait for process 0 to prepare the data sets.
 PREPARE_TIMEOUT_S = 4 * 3600
 # The run's config as JSON, in its workdir.
@@ -124,24 +124,6 @@ def create_train_state(model_config: models.ModelConfig,
   )
 
 
-def example_keys(seed: int, stream: int, counter: jax.Array,
-                 positions: jax.Array) -> jax.Array:
-  """One key per example, from (seed, stream, step or batch, position): the
-  draws of an example do not depend on how batches are split over devices."""
-  base = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), stream),
-                            counter)
-  return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(base, positions)
-
-
-def _defective_inputs(batch, keys, defect_config):
-  clean = batch['image'].astype(jnp.float32) / 255.0
-  defect_keys = jax.vmap(lambda k: jax.random.fold_in(k, 0))(keys)
-  defective = jax.vmap(
-      lambda key, image: defects_lib.random_defects(key, image, defect_config))(
-          defect_keys, clean)
-  return clean, defective
-
-
 def _all_finite(tree) -> jax.Array:
   return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
@@ -190,8 +172,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *,
   micro-batches (`micro_batch_size`): the same values, less memory at a time.
   """
   local_size = batch['image'].shape[0]
-  keys = example_keys(step_config.seed, TRAIN_STREAM, state.step,
-                      parallel.example_index(local_size))
+  keys = defects_lib.example_keys(step_config.seed, defects_lib.TRAIN_STREAM,
+                                  state.step, parallel.example_index(local_size))
   heads = step_config.model.heads
   normalisers = losses.loss_normalisers(batch, heads, local_size)
   # Differentiate a per-device copy of the replicated parameters: each device
@@ -203,8 +185,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *,
 
   def grads_and_terms(micro):
     micro_batch, micro_keys = micro
-    clean, defective = _defective_inputs(micro_batch, micro_keys,
-                                         step_config.defects)
+    clean, defective = defects_lib.defective_inputs(
+        micro_batch['image'], micro_keys, step_config.defects)
     latent_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(micro_keys)
 
     def loss_fn(params):
@@ -235,6 +217,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *,
   grads = jax.lax.pmean(grads, parallel.AXIS)
   terms = jax.lax.pmean(terms, parallel.AXIS)
   terms['beta'] = losses.beta_at(state.step, step_config.loss)
+  if step_config.loss.capacity_gamma > 0:
+    terms['capacity'] = losses.capacity_at(state.step, step_config.loss)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = models.with_batch_stats(
       optax.apply_updates(state.params, updates), stats, step_config.frozen)
@@ -255,46 +239,13 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *,
   return new_state, step_metrics
 
 
-def eval_step(params: dict, batch: dict[str, jax.Array], *,
-              step_config: StepConfig) -> dict[str, jax.Array]:
-  """Per-example eval outputs, written per device (call it inside shard_map).
-
-  The defects of an example are a fixed function of its position in the split,
-  so every evaluation scores the same defective images; z = mu.
-  """
-  keys = example_keys(step_config.seed, EVAL_STREAM, 0, batch['index'])
-  clean, defective = _defective_inputs(batch, keys, step_config.defects)
-  model = models.bind(step_config.model, params)
-  reconstruction, head_outputs, _ = models.in_chunks(
-      lambda images: model(images, train=False), defective,
-      step_config.policy.inference_chunk(defective.shape))
-  ssim = functools.partial(losses.ssim,
-                           filter_size=step_config.loss.ssim_filter_size,
-                           filter_sigma=step_config.loss.ssim_filter_sigma,
-                           filter_form=step_config.loss.ssim_filter)
-  ssim_defective = ssim(defective, clean)
-  outputs = {
-      'valid': batch['valid'],
-      # No decoder (ResNet-18): no reconstruction to score.
-      'ssim_reconstruction': (jnp.full_like(ssim_defective, jnp.nan)
-                              if reconstruction is None else
-                              ssim(reconstruction, clean)),
-      'ssim_defective': ssim_defective,
-  }
-  for head in step_config.model.heads:
-    target = batch[head.name]
-    outputs[f'{head.name}/score'] = models.head_scores(head,
-                                                       head_outputs[head.name])
-    outputs[f'{head.name}/target'] = target.astype(jnp.float32)
-    outputs[f'{head.name}/mask'] = losses.target_mask(batch, head, target)
-  return outputs
-
-
 def image_grid_step(params: dict, batch: dict[str, jax.Array], *,
                     step_config: StepConfig) -> jax.Array:
   """(B, S, 3S) rows of defective input | reconstruction | clean image."""
-  keys = example_keys(step_config.seed, EVAL_STREAM, 0, batch['index'])
-  clean, defective = _defective_inputs(batch, keys, step_config.defects)
+  keys = defects_lib.example_keys(step_config.seed, defects_lib.EVAL_STREAM, 0,
+                                  batch['index'])
+  clean, defective = defects_lib.defective_inputs(batch['image'], keys,
+                                                  step_config.defects)
   model = models.bind(step_config.model, params)
   reconstruction, _, _ = models.in_chunks(
       model, defective, step_config.policy.inference_chunk(defective.shape))
@@ -321,9 +272,10 @@ def make_steps(config, model_config: models.ModelConfig, mesh,
       functools.partial(train_step, step_config=step_config, optimizer=optimizer,
                         weight_map=weight_map),
       out_specs=(parallel.REPLICATED, parallel.REPLICATED), donate_state=True)
-  evaluate = data_parallel(
-      functools.partial(eval_step, step_config=step_config),
-      out_specs=parallel.SHARDED, donate_state=False)
+  evaluate = inference.make_score_fn(
+      mesh, model_config, step_config.defects, config.seed, policy=policy,
+      ssim=(config.loss.ssim_filter_size, config.loss.ssim_filter_sigma,
+            config.loss.ssim_filter))
   grid = data_parallel(
       functools.partial(image_grid_step, step_config=step_config),
       out_specs=parallel.SHARDED, donate_state=False)
@@ -332,21 +284,23 @@ def make_steps(config, model_config: models.ModelConfig, mesh,
 
 def evaluate(eval_fn, grid_fn, params, batches, mesh, heads,
              num_grid_images: int) -> tuple[dict[str, float], np.ndarray | None]:
-  """Runs the eval step over the batches; returns metrics and an image grid."""
-  collected, grid = None, None
-  for batch in batches:
-    sharded = parallel.shard_batch(batch, mesh)
-    outputs = parallel.gather(eval_fn(params, sharded))
-    if collected is None:
-      collector = metrics_lib.eval_collector(outputs.keys())
-      collected = collector.empty()
-    collected = collected.merge(collector.from_model_output(**outputs))
-    if grid is None and num_grid_images:
-      rows = parallel.gather(grid_fn(params, sharded))[:num_grid_images]
-      grid = np.concatenate(list(rows), axis=0)
-  if collected is None:
-    raise ValueError('the eval split has no examples')
-  return metrics_lib.eval_report(collected.compute(), heads), grid
+  """Scores the batches' clean and defective images; returns the metrics of
+  both (those of the defective images under `defective/`) and an image grid
+  of the first batch."""
+  grid = None
+  if num_grid_images:
+    batches = iter(batches)
+    first = next(batches, None)
+    if first is not None:
+      rows = parallel.gather(grid_fn(params, parallel.shard_batch(first, mesh)))
+      grid = np.concatenate(list(rows[:num_grid_images]), axis=0)
+      batches = itertools.chain([first], batches)
+  outputs = inference.score_split(eval_fn, params, batches, mesh)
+  report = metrics_lib.eval_report(outputs, heads)
+  defective = metrics_lib.eval_report(inference.defective_outputs(outputs), heads)
+  report.update({f'defective/{k}': v for k, v in defective.items()
+                 if k.startswith(('auc', 'mean_auc', 'accuracy', 'mae'))})
+  return report, grid
 
 
 def write_grid(workdir: str, step: int, grid: np.ndarray) -> str:
@@ -503,9 +457,11 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
       writer.write_images(step, {'eval/defective|reconstruction|clean':
                                  grid[None, ..., None]})
       write_grid(workdir, step, grid)
-    logging.info('eval at step %d: mean_auc=%.4f ssim reconstruction=%.4f '
-                 'defective=%.4f', step, report['mean_auc'],
-                 report['ssim_reconstruction'], report['ssim_defective'])
+    logging.info('eval at step %d: mean_auc=%.4f on the images as they are, '
+                 '%.4f with defects; ssim with defects=%.4f, of the '
+                 'reconstruction=%.4f', step, report['mean_auc'],
+                 report['defective/mean_auc'], report['ssim_defective'],
+                 report['ssim_reconstruction'])
     return report
 
   train_iter = pipeline.create_train_iterator(
@@ -553,7 +509,24 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     report = run_eval(start_step)
   manager.wait_until_finished()
   writer.flush()
+  # Imported here: they read data and draw figures (TensorFlow, matplotlib),
+  # which the train step alone (e.g. the GPU benchmark) does without.
+  from pumamednet_jax import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
+  from pumamednet_jax import report as report_lib  # pylint: disable=g-import-not-at-top
+  final = evaluate_lib.evaluate(config, workdir, report_split(config, sources))
+  for line in report_lib.run_summary_lines(final, workdir):
+    logging.info('%s', line)
   return report
+
+
+def report_split(config, sources) -> str:
+  """The split of the report at the end of training: test, or the eval
+  split where the data set has no test examples."""
+  from input_pipeline import pipeline  # pylint: disable=g-import-not-at-top
+  splits = sources[0].builder.info.splits
+  if 'test' in splits and pipeline.num_examples(sources, 'test'):
+    return 'test'
+  return config.eval_split
 
 
 def _check_nonfinite(step_metrics, config, manager) -> None:

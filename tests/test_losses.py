@@ -199,3 +199,103 @@ def test_loss_config_reads_the_ssim_filter():
   assert losses.LossConfig.from_config(config).ssim_filter == 'banded'
   config.loss.ssim_filter = 'separable'
   assert losses.LossConfig.from_config(config).ssim_filter == 'separable'
+
+
+def test_total_correlation_of_known_batches():
+  key = jax.random.key(0)
+  z = jax.random.normal(key, (6, 3))
+  same = jnp.zeros((6, 3))
+  # All posteriors equal: q(z) = prod_d q(z_d), no total correlation.
+  assert float(losses.total_correlation(z, same, same)) == pytest.approx(
+      0.0, abs=1e-5)
+  # M narrow posteriors on the diagonal: z_1 = z_2 takes M equally likely
+  # values, so TC = H(z_1) + H(z_2) - H(z_1, z_2) = log M.
+  centres = jnp.arange(6.0)[:, None] * jnp.ones((1, 2))
+  narrow = jnp.full((6, 2), -10.0)
+  assert float(losses.total_correlation(centres, centres, narrow)) == (
+      pytest.approx(np.log(6), abs=1e-4))
+  # Against a direct computation with scipy on a random batch.
+  from scipy import special, stats  # pylint: disable=g-import-not-at-top
+  keys = jax.random.split(key, 3)
+  mu = np.asarray(jax.random.normal(keys[0], (5, 4)))
+  logvar = np.asarray(0.5 * jax.random.normal(keys[1], (5, 4)))
+  sample = np.asarray(jax.random.normal(keys[2], (5, 4)))
+  log_q = stats.norm.logpdf(sample[:, None], mu[None], np.exp(0.5 * logvar)[None])
+  expected = np.mean(special.logsumexp(log_q.sum(-1), axis=1) -
+                     special.logsumexp(log_q, axis=1).sum(-1) + 3 * np.log(5))
+  np.testing.assert_allclose(losses.total_correlation(sample, mu, logvar),
+                             expected, rtol=1e-5)
+
+
+def test_capacity_and_total_correlation_terms_of_the_total_loss():
+  config = default.get_config()
+  heads = ()
+  clean = random_images(0, (2, 64, 64, 1))
+  latents = {'mu': jnp.ones((2, 100)), 'logvar': jnp.zeros((2, 100)),
+             'z': jax.random.normal(jax.random.key(1), (2, 100))}
+  kwargs = dict(
+      reconstruction=random_images(1, (2, 64, 64, 1)), clean=clean,
+      head_outputs={}, latents=latents, batch={}, heads=heads,
+      weight_map=jnp.asarray(losses.lung_weight_map(64, 4.0)))
+  base_total, base = losses.total_loss(
+      step=jnp.int32(5), config=losses.LossConfig.from_config(config), **kwargs)
+  assert set(base) == {'ssim', 'recon', 'kl', 'total'}
+  reconstruction = float(base['ssim'] + base['recon'])
+  # KL = 50 nats; C rises to 20 over 10 steps: 10 at step 5.
+  config.loss.capacity_gamma = 100.0
+  config.loss.capacity_max = 20.0
+  config.loss.capacity_steps = 10
+  capacity_config = losses.LossConfig.from_config(config)
+  assert float(losses.capacity_at(jnp.int32(5), capacity_config)) == 10.0
+  assert float(losses.capacity_at(jnp.int32(50), capacity_config)) == 20.0
+  total, terms = losses.total_loss(step=jnp.int32(5), config=capacity_config,
+                                   **kwargs)
+  assert float(terms['capacity_gap']) == pytest.approx(40.0)
+  assert float(total) == pytest.approx(reconstruction + 100 * 40 / 4096, rel=1e-6)
+  assert float(base_total) == pytest.approx(reconstruction + 50 / 4096, rel=1e-6)
+  # The TC penalty adds tc_weight · TC per pixel to β·KL.
+  config.loss.capacity_gamma = 0.0
+  config.loss.tc_weight = 5.0
+  total, terms = losses.total_loss(
+      step=jnp.int32(5), config=losses.LossConfig.from_config(config), **kwargs)
+  tc = float(losses.total_correlation(latents['z'], latents['mu'],
+                                      latents['logvar']))
+  assert float(terms['tc']) == pytest.approx(tc)
+  assert float(total) == pytest.approx(float(base_total) + 5 * tc / 4096,
+                                       rel=1e-6)
+
+
+@pytest.mark.parametrize('option', ['capacity', 'tc'])
+def test_train_step_runs_with_each_loss_option(option):
+  import optax  # pylint: disable=g-import-not-at-top
+  from e2e_support import shrink  # pylint: disable=g-import-not-at-top
+  from input_pipeline import pipeline  # pylint: disable=g-import-not-at-top
+  from pumamednet_jax import benchmark, models, parallel, train  # pylint: disable=g-import-not-at-top
+  from pumamednet_jax import platform as platform_lib  # pylint: disable=g-import-not-at-top
+  overrides = ({'loss__capacity_gamma': 50.0, 'loss__capacity_steps': 4}
+               if option == 'capacity' else {'loss__tc_weight': 5.0})
+  # Micro-batches of 4: the per-micro-batch terms run inside the scan.
+  config = shrink(default.get_config(), micro_batch_size=4, **overrides)
+  heads = pipeline.head_specs(pipeline.get_sources(config), config.head_features)
+  mesh = jax.sharding.Mesh(jax.devices()[:1], (parallel.AXIS,))
+  policy = platform_lib.for_mesh(mesh, config.model.conv_impl)
+  model_config = models.model_config(config, heads, policy.conv_impl)
+  optimizer = optax.sgd(1e-3)
+  train_fn, _, _ = train.make_steps(config, model_config, mesh, optimizer,
+                                    policy)
+  state = parallel.replicate(train.create_train_state(
+      model_config, optimizer, config.seed), mesh)
+  batch = parallel.shard_batch(
+      benchmark.synthetic_batch(config, heads, config.batch_size), mesh)
+  for _ in range(2):
+    state, step_metrics = train_fn(state, batch)
+  step_metrics = jax.device_get(step_metrics)
+  assert int(state.step) == 2 and float(step_metrics['nonfinite']) == 0.0
+  term = 'capacity_gap' if option == 'capacity' else 'tc'
+  assert np.isfinite(step_metrics[term]) and np.isfinite(step_metrics['total'])
+  if option == 'capacity':
+    assert float(step_metrics['capacity']) == pytest.approx(25.0 / 4)
+    assert float(step_metrics['capacity_gap']) == pytest.approx(
+        abs(float(step_metrics['kl']) - 25.0 / 4), rel=0.2)
+  else:
+    assert float(step_metrics['tc']) > 0.0

@@ -324,6 +324,43 @@ def test_confounder_strength_ties_the_support_device_to_its_target():
   assert with_target == 1.0 and without == 0.0
 
 
+def _device_rates(split, strength, count=2500):
+  """P(device | confounder target) and P(device | not) in `split`."""
+  target = FINDINGS.index(phantom.CONFOUNDER_TARGETS['chestxray14'])
+  factors = [phantom.example_factors(0, split, i,
+                                     confounder_strength=strength)
+             for i in range(count)]
+  device = np.array([f['support_device'] for f in factors])
+  has_target = np.array([f['labels'][target] for f in factors], bool)
+  return device[has_target].mean(), device[~has_target].mean()
+
+
+@pytest.mark.parametrize('strength', [0.0, 1.0])
+def test_audit_splits_have_their_own_confounder_whatever_the_strength(
+    strength):
+  for split in ('validation_deconfounded', 'test_deconfounded'):
+    with_target, without = _device_rates(split, strength)
+    assert abs(with_target - without) < 0.12, split
+    assert 0.12 < without < 0.28, split
+  with_target, without = _device_rates('test_anticorrelated', strength)
+  assert with_target < 0.1 and without > 0.75
+  # The usual splits keep the data set's strength.
+  with_target, without = _device_rates('test', strength)
+  assert (with_target - without > 0.9) == (strength == 1.0)
+
+
+def test_negative_strength_mirrors_the_positive_one():
+  positive = phantom.sample_factors(9, confounder_strength=0.8)
+  negative = phantom.sample_factors(9, confounder_strength=-0.8)
+  for key in phantom.SCALAR_FACTORS:
+    if key != 'support_device':
+      assert negative[key] == positive[key], key
+  with_target, without = _device_rates('train', -1.0, count=1500)
+  assert with_target == 0.0 and without == 1.0
+  with pytest.raises(ValueError, match='confounder_strength'):
+    phantom.sample_factors(9, confounder_strength=-1.5)
+
+
 def test_factor_kinds_partition_the_scalar_factors():
   kinds = (phantom.BINARY_FACTORS + phantom.CONTINUOUS_FACTORS
            + ('texture_seed',))
@@ -439,9 +476,10 @@ def test_builder_prepares_deterministic_examples_with_the_contract(tmp_path):
   builder = cxr_phantom.builder(data_dir=str(tmp_path / 'a'), **settings)
   builder.download_and_prepare()
   info = builder.info
-  assert {s: info.splits[s].num_examples
-          for s in ('train', 'validation', 'test')} == {
-              'train': 60, 'validation': 20, 'test': 20}
+  assert {s: info.splits[s].num_examples for s in info.splits} == {
+      'train': 60, 'validation': 20, 'test': 20,
+      'validation_deconfounded': 20, 'test_deconfounded': 20,
+      'test_anticorrelated': 20}
   features = info.features
   assert features['image'].shape == (64, 64, 1)
   assert features['lung_mask'].shape == (64, 64, 1)
@@ -468,6 +506,15 @@ def test_builder_prepares_deterministic_examples_with_the_contract(tmp_path):
     assert example['labels'][-1] == (example['labels'][:-1].max() == 0)
   ages = np.array([f['age'] for f in factors], np.float32)
   assert info.metadata['age_median'] == pytest.approx(float(np.median(ages)))
+
+  anticorrelated = list(tfds.as_numpy(builder.as_dataset(
+      split='test_anticorrelated')))
+  _, _, factors = phantom.render_examples(3, 'test_anticorrelated', range(20),
+                                          64)
+  for example in anticorrelated:
+    index = int(example['id'].decode().rsplit('-', 1)[1])
+    assert example['support_device'] == factors[index]['support_device']
+    np.testing.assert_array_equal(example['labels'], factors[index]['labels'])
 
   # Same settings elsewhere: the same bytes on disk.
   again = cxr_phantom.builder(data_dir=str(tmp_path / 'b'), **settings)

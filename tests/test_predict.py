@@ -21,15 +21,14 @@ from input_pipeline import decode
 from input_pipeline import labels as labels_lib
 from pumamednet_jax import checkpoints
 from pumamednet_jax import defects as defects_lib
+from pumamednet_jax import inference
 from input_pipeline import heads as heads_lib
-from pumamednet_jax import losses
 from pumamednet_jax import models
 from pumamednet_jax import parallel
 from pumamednet_jax import platform as platform_lib
 from pumamednet_jax import predict
 from pumamednet_jax import prediction_table
 from pumamednet_jax import torch_convert
-from pumamednet_jax import train
 from e2e_support import REPO_ROOT, shrink
 
 REAL_PNG = '00000001_000.png'
@@ -142,18 +141,11 @@ def test_outputs_equal_the_eval_step_on_the_same_prepared_images(
   summary = predict.predict(files, str(tmp_path / 'out'), workdir=str(workdir),
                             batch_size=3, num_workers=0)
   model_config, params = checkpoints.load_params(str(workdir))
-  config = shrink(default.get_config())
   mesh = parallel.create_mesh()
   policy = platform_lib.for_mesh(mesh)
-  step_config = train.StepConfig(
-      model=dataclasses.replace(model_config, conv_impl=policy.conv_impl),
-      loss=losses.LossConfig.from_config(config),
-      defects=defects_lib.DefectConfig(), seed=0, micro_batch_size=0,
-      policy=policy)
-  eval_fn = parallel.data_parallel(
-      functools.partial(train.eval_step, step_config=step_config),
-      mesh, out_specs=parallel.SHARDED, donate_state=False,
-      compiler_options=policy.compiler_options)
+  eval_fn = inference.make_score_fn(
+      mesh, dataclasses.replace(model_config, conv_impl=policy.conv_impl),
+      defects_lib.DefectConfig(), 0, policy=policy, defective=False)
   size = len(files)
   batch = {
       'image': np.stack([decode.load_grayscale(f, 64) for f in files])[..., None],

@@ -1,5 +1,6 @@
 """main.py trains the paper preset on a prepared tiny ChestX-ray14 tree."""
 
+import json
 import subprocess
 import sys
 
@@ -35,3 +36,15 @@ def test_main_trains_chestxray14_and_evaluates_on_test(chestxray14_manual_dir,
   assert model_config.image_size == 64
   assert [h.name for h in model_config.heads] == [
       'labels', 'view', 'sex', 'age_above_median', 'age']
+  # The run ends with the test report (the paper's column beside ours,
+  # intervals by patient) and a summary of where everything is.
+  report_dir = workdir / 'report' / 'test'
+  report = json.loads((report_dir / 'report.json').read_text())
+  assert report['num_examples'] == num_test
+  assert report['bootstrap']['unit'] == 'patient'
+  assert '| Paper | Δ |' in (report_dir / 'report.md').read_text()
+  assert f'report: {report_dir}' in result.stderr
+  assert 'next: tensorboard --logdir' in result.stderr
+  assert 'python -m pumamednet_jax.export_torch --workdir' in result.stderr
+  header = (report_dir / 'predictions.csv').read_text().splitlines()[0]
+  assert header.startswith('id,patient_id,target/labels/Atelectasis,')

@@ -200,6 +200,20 @@ def test_resnet18_trains_its_batch_norm_statistics(covid3_runs):
   assert np.any(stats['encoder/bn1/var'] != 1)
 
 
+def test_resnet18_run_report_has_scores_but_no_defects_table(covid3_runs):
+  out = covid3_runs['resnet18'] / 'report' / 'test'
+  report = json.loads((out / 'report.json').read_text())
+  assert report['heads'] and 0 <= report['mean_auc']['value'] <= 1
+  assert 'no decoder' in report['defects']['skipped']
+  assert not report['defects']['conditions']
+  assert not (out / 'defects.png').exists()
+  assert 'no decoder' in (out / 'report.md').read_text()
+  transferred = covid3_runs['transferred'] / 'report' / 'test'
+  assert json.loads((transferred / 'report.json').read_text())['defects'][
+      'conditions']
+  assert (transferred / 'defects.png').exists()
+
+
 def test_compare_writes_table_2(covid3_runs, tmp_path):
   runs = [str(covid3_runs['transferred']), str(covid3_runs['resnet18'])]
   result = compare.write(runs, str(tmp_path), num_resamples=50)

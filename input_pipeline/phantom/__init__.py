@@ -41,6 +41,7 @@ from input_pipeline.assets import chestxray14_stats
 from input_pipeline.phantom.anatomy import bone_density
 from input_pipeline.phantom.anatomy import derived_factors
 from input_pipeline.phantom.cli import contact_sheet
+from input_pipeline.phantom.factors import AUDIT_SPLIT_STRENGTHS
 from input_pipeline.phantom.factors import check_variant
 from input_pipeline.phantom.factors import BINARY_FACTORS
 from input_pipeline.phantom.factors import CONFOUNDER_TARGETS
@@ -61,6 +62,7 @@ from input_pipeline.phantom.factors import SIDE_LEFT
 from input_pipeline.phantom.factors import SIDE_NONE
 from input_pipeline.phantom.factors import SIDE_RIGHT
 from input_pipeline.phantom.factors import SIGNS
+from input_pipeline.phantom.factors import split_confounder_strength
 from input_pipeline.phantom.factors import split_id
 from input_pipeline.phantom.factors import SPLITS
 from input_pipeline.phantom.factors import SUPPORT_DEVICE_BASE_RATE

@@ -18,7 +18,16 @@ from input_pipeline import assets
 from input_pipeline import labels as labels_lib
 
 VARIANTS = ('chestxray14', 'covid3')
-SPLITS = ('train', 'validation', 'test')
+# The usual splits, then the bias-audit splits (appended: a split's index
+# seeds its examples).
+SPLITS = ('train', 'validation', 'test', 'validation_deconfounded',
+          'test_deconfounded', 'test_anticorrelated')
+# The audit splits draw the support device with their own confounder strength,
+# whatever the data set's: 0 = independent of every finding (deconfounded),
+# < 0 = mostly on the negatives of the confounder target (anti-correlated).
+AUDIT_SPLIT_STRENGTHS = {'validation_deconfounded': 0.0,
+                         'test_deconfounded': 0.0,
+                         'test_anticorrelated': -0.8}
 # Every finding is present in at least this fraction of images (the real
 # prevalence where higher): Hernia is 0.2 % in ChestX-ray14, too rare to learn
 # or to measure an AUC on a 2,000-image validation split.
@@ -130,9 +139,9 @@ def sample_factors(
     variant: 'chestxray14' (14 findings + No Finding) or 'covid3'.
     prevalence_floor: minimum prevalence of every finding, in [0, 0.5].
     min_severity: lowest severity of a present finding, in (0, 1].
-    confounder_strength: in [0, 1]; 0 = the support device is independent of
-      everything, 1 = present exactly when the variant's confounder target
-      (CONFOUNDER_TARGETS) is.
+    confounder_strength: in [-1, 1]; 0 = the support device is independent
+      of everything, 1 = present exactly when the variant's confounder target
+      (CONFOUNDER_TARGETS) is, -1 = exactly when it is not.
     **overrides: factors to set instead of drawing (after drawing all, so the
       other factors do not change), e.g. view=1.
 
@@ -147,9 +156,9 @@ def sample_factors(
         f'prevalence_floor must be in [0, 0.5], got {prevalence_floor}')
   if not 0.0 < min_severity <= 1.0:
     raise ValueError(f'min_severity must be in (0, 1], got {min_severity}')
-  if not 0.0 <= confounder_strength <= 1.0:
+  if not -1.0 <= confounder_strength <= 1.0:
     raise ValueError(
-        f'confounder_strength must be in [0, 1], got {confounder_strength}')
+        f'confounder_strength must be in [-1, 1], got {confounder_strength}')
   if not isinstance(rng, np.random.Generator):
     rng = np.random.default_rng(rng)
   stats = assets.chestxray14_stats()
@@ -205,8 +214,12 @@ def sample_factors(
     factors['labels'] = labels_from_severity(factors['sign_severity'])
 
   base = SUPPORT_DEVICE_BASE_RATE
-  device_probability = (base + confounder_strength * (1 - base)
-                        if target_present else base * (1 - confounder_strength))
+  # A negative strength mirrors a positive one: the device follows the
+  # target's absence.
+  follows = target_present if confounder_strength >= 0 else not target_present
+  strength = abs(confounder_strength)
+  device_probability = (base + strength * (1 - base) if follows
+                        else base * (1 - strength))
   factors['support_device'] = int(uniform[10] < device_probability)
   return with_factors(factors, **overrides) if overrides else factors
 
@@ -335,9 +348,20 @@ def sample_factors_with(
   return patients
 
 
+def split_confounder_strength(split: str, confounder_strength: float) -> float:
+  """The confounder strength of `split` in a data set drawn with
+  `confounder_strength`: the audit splits have their own."""
+  split_id(split)
+  return AUDIT_SPLIT_STRENGTHS.get(split, confounder_strength)
+
+
 def example_factors(seed: int, split: str, index: int,
                     variant: str = 'chestxray14', **kwargs) -> dict[str, Any]:
-  """Factors of example `index` of `split` of the data set drawn with `seed`."""
+  """Factors of example `index` of `split` of the data set drawn with `seed`
+  (an audit split with its own confounder strength)."""
+  if split in AUDIT_SPLIT_STRENGTHS:
+    kwargs['confounder_strength'] = split_confounder_strength(
+        split, kwargs.get('confounder_strength', 0.0))
   return sample_factors(example_rng(seed, split, index), variant, **kwargs)
 
 
