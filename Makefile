@@ -20,7 +20,13 @@ TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 # fewer page faults (README, Performance, memory pages).
 HUGEPAGES := GLIBC_TUNABLES=$${GLIBC_TUNABLES:+$$GLIBC_TUNABLES:}glibc.malloc.hugetlb=1
 
-.PHONY: setup demo study bias-study test summary benchmark explain clean
+.PHONY: setup demo study bias-study test summary benchmark explain transfer clean
+
+# `make transfer`: the demo's model ($(WORKDIR)) fine-tuned on the phantom's covid3
+# variant with 500 and 2,000 training images, against the same architecture and
+# ResNet-18 from scratch (2,000 images); compare.md/json in TRANSFER_DIR.
+TRANSFER_DIR ?= workdir/transfer
+TRANSFER_RUN = $(HUGEPAGES) $(PY) main.py --config=configs/covid3_phantom.py
 
 setup: $(VENV)/.installed
 
@@ -54,6 +60,16 @@ explain: setup
 
 benchmark: setup
 	$(PY) -m pumamednet_jax.benchmark --config=$(CONFIG) --vs_torch
+
+transfer: setup
+	test -d $(WORKDIR)/checkpoints || $(MAKE) demo
+	$(TRANSFER_RUN) --workdir=$(TRANSFER_DIR)/transfer_500 \
+	  --config.init_from=$(WORKDIR) --config.phantom.num_train=500
+	$(TRANSFER_RUN) --workdir=$(TRANSFER_DIR)/transfer_2000 --config.init_from=$(WORKDIR)
+	$(TRANSFER_RUN) --workdir=$(TRANSFER_DIR)/scratch_2000
+	$(TRANSFER_RUN) --workdir=$(TRANSFER_DIR)/resnet18_2000 --config.model.arch=resnet18
+	$(PY) -m pumamednet_jax.compare --out=$(TRANSFER_DIR) --workdirs $(addprefix \
+	  $(TRANSFER_DIR)/,transfer_500 transfer_2000 scratch_2000 resnet18_2000)
 
 clean:
 	rm -rf $(VENV) workdir

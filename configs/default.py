@@ -62,6 +62,13 @@ def get_config() -> ml_collections.ConfigDict:
   # Conv formulation: 'auto' ('fast' on CPU, 'xla' on GPU/TPU), 'xla', 'fast'
   # or 'cudnn' (transposed convs in the patterns XLA:GPU hands to cuDNN).
   config.model.conv_impl = 'auto'
+  # Architecture: 'pumamednet' (the β-VAE) or 'resnet18' (torchvision's
+  # ResNet-18 with a 1-channel stem and the data set's heads, trained with the
+  # classification losses only; the widths above do not apply to it).
+  config.model.arch = 'pumamednet'
+  # resnet18 only: a torchvision ResNet-18 state dict (.safetensors) to start
+  # from ('' = fresh); its stem is summed to one channel, `fc` left out.
+  config.model.torchvision_weights = ''
 
   # --- Losses -------------------------------------------------------------
   config.loss = ml_collections.ConfigDict()
@@ -116,6 +123,16 @@ def get_config() -> ml_collections.ConfigDict:
   config.defects.equalize_impl = 'scatter'
   # Probability of autocontrast.
   config.defects.autocontrast_prob = 0.2
+
+  # --- Transfer learning -------------------------------------------------
+  # Start a new run from another run's checkpoint, 'WORKDIR' (its latest
+  # step) or 'WORKDIR:STEP': its encoder and decoder (same shapes required)
+  # and each head of the same name and size; the other heads start fresh.
+  # Used only when this run's workdir has no checkpoint yet ('' = off).
+  config.init_from = ''
+  # Parts left as they are during training: 'none', 'encoder' or
+  # 'encoder_decoder' (no updates, no optimizer state).
+  config.freeze = 'none'
 
   # --- Optimisation -------------------------------------------------------
   # Global batch size (split over all devices of all hosts).

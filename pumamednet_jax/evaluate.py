@@ -32,6 +32,7 @@ from pumamednet_jax import defect_correction
 from pumamednet_jax import defects as defects_lib
 from pumamednet_jax import inference
 from pumamednet_jax import metrics as metrics_lib
+from pumamednet_jax import models
 from pumamednet_jax import parallel
 from pumamednet_jax import report as report_lib
 from pumamednet_jax import stats
@@ -222,6 +223,31 @@ def _check_checkpoint(checkpoint: inference.Checkpoint, heads, image_size: int):
         f'{image_size}: pass the config it was trained with')
 
 
+def defects_section(config, checkpoint: inference.Checkpoint, batches, mesh,
+                    split: str, patients, num_resamples: int, seed: int):
+  """(report.json's `defects`, the defects grid, the conditions): the defect
+  correction of the first examples of `split`; for a model without a decoder
+  (ResNet-18) an empty table that says why, and no grid."""
+  if not models.has_decoder(checkpoint.model_config):
+    return {'num_examples': 0, 'conditions': {},
+            'skipped': f'the model ({checkpoint.model_config.arch}) has no '
+                       'decoder: there is no reconstruction to measure'}, None, ()
+  ssim = (config.loss.ssim_filter_size, config.loss.ssim_filter_sigma,
+          config.loss.ssim_filter)
+  measures, grid = defect_correction.measure(
+      checkpoint.params, batches, mesh, checkpoint.model_config, ssim,
+      checkpoint.policy)
+  subset = len(measures['index'])
+  conditions = defect_correction.conditions(config.image_size)
+  table = defect_correction.table(
+      measures, conditions, stats.Resampling(
+          subset, groups=None if patients is None else patients[:subset],
+          num_resamples=num_resamples, seed=seed), LEVEL)
+  return {'num_examples': subset,
+          'subset': f'the first {subset} examples of the {split} split',
+          'conditions': table}, grid, conditions
+
+
 def evaluate(config, workdir: str, split: str = 'test', *,
              step: int | None = None, out_dir: str | None = None,
              num_resamples: int = 2000, seed: int = 0) -> dict:
@@ -266,11 +292,6 @@ def evaluate(config, workdir: str, split: str = 'test', *,
         policy=checkpoint.policy, defective=False)
     threshold_outputs = inference.score_split(
         score_clean, checkpoint.params, batches(threshold_split), mesh)
-  ssim = (config.loss.ssim_filter_size, config.loss.ssim_filter_sigma,
-          config.loss.ssim_filter)
-  measures, grid = defect_correction.measure(
-      checkpoint.params, batches(split, DEFECTS_SUBSET), mesh,
-      checkpoint.model_config, ssim, checkpoint.policy)
   ids = pipeline.example_ids(sources, split)
   patients = ids.get('patient_id')
 
@@ -284,8 +305,9 @@ def evaluate(config, workdir: str, split: str = 'test', *,
   rows = head_rows(columns, threshold_columns, replicates, split,
                    threshold_split)
   averaged = mean_auc_names(heads)
-  subset = len(measures['index'])
-  conditions = defect_correction.conditions(config.image_size)
+  defects_table, grid, conditions = defects_section(
+      config, checkpoint, batches(split, DEFECTS_SUBSET), mesh, split,
+      patients, num_resamples, seed)
   report = {
       'dataset': config.dataset,
       'split': split,
@@ -305,14 +327,7 @@ def evaluate(config, workdir: str, split: str = 'test', *,
                                      inference.DEFECTIVE, 'auc_defective'),
       'mean_auc_labels': averaged,
       'age': age_row(outputs, heads, replicates),
-      'defects': {
-          'num_examples': subset,
-          'subset': f'the first {subset} examples of the {split} split',
-          'conditions': defect_correction.table(
-              measures, conditions, stats.Resampling(
-                  subset, groups=None if patients is None else patients[:subset],
-                  num_resamples=num_resamples, seed=seed), LEVEL),
-      },
+      'defects': defects_table,
   }
   out_dir = out_dir or os.path.join(workdir, 'report', split)
   if jax.process_index() == 0:

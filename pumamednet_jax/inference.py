@@ -77,7 +77,8 @@ def score_step(params: dict, batch: dict[str, jax.Array], *,
   clean image; with `defective`, `defective/<name>/score` on the image with
   the defects of its position in the split (the same at every evaluation);
   with `ssim` (filter size, sigma, filter form), `ssim_reconstruction` and
-  `ssim_defective`, each against the clean image. z = mu.
+  `ssim_defective`, each against the clean image (`ssim_reconstruction` NaN
+  for a model without a decoder). z = mu.
   """
   model = models.bind(model_config, params)
   clean = batch['image'].astype(jnp.float32) / 255.0
@@ -101,8 +102,10 @@ def score_step(params: dict, batch: dict[str, jax.Array], *,
         lambda x: model(x, train=False), images, chunk)
     similarity = functools.partial(losses.ssim, filter_size=ssim[0],
                                    filter_sigma=ssim[1], filter_form=ssim[2])
-    outputs['ssim_reconstruction'] = similarity(reconstruction, clean)
     outputs['ssim_defective'] = similarity(images, clean)
+    outputs['ssim_reconstruction'] = (
+        jnp.full_like(outputs['ssim_defective'], jnp.nan)
+        if reconstruction is None else similarity(reconstruction, clean))
   else:
     head_outputs = models.in_chunks(classify, images, chunk)
   if defective:

@@ -337,6 +337,25 @@ def total_loss(
     terms['tc'] = share * total_correlation(latents['z'], latents['mu'],
                                             latents['logvar'])
     total = total + config.tc_weight * terms['tc'] / num_pixels
+  heads_total, head_terms = heads_loss(head_outputs=head_outputs, batch=batch,
+                                       heads=heads, config=config,
+                                       normalisers=normalisers)
+  terms.update(head_terms)
+  terms['total'] = total + heads_total
+  return terms['total'], terms
+
+
+def heads_loss(
+    *,
+    head_outputs: dict[str, jax.Array],
+    batch: dict[str, jax.Array],
+    heads: tuple[heads_lib.HeadSpec, ...],
+    config: LossConfig,
+    normalisers: dict[str, jax.Array],
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """The weighted sum of the heads' losses, and each head's loss: the whole
+  loss of a classifier without a decoder (ResNet-18)."""
+  total, terms = jnp.zeros((), jnp.float32), {}
   for head in heads:
     target = batch[head.name]
     loss = head_loss(head, head_outputs[head.name], target,

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from flax import traverse_util
 
 from input_pipeline import heads as heads_lib
 from pumamednet_jax import fast_conv
@@ -32,6 +33,10 @@ KERNEL_SIZE = 4
 # pads 1 on each side; the transposed conv pads its dilated input k-1-p = 2.
 CONV_PADDING = ((1, 1), (1, 1))
 CONV_TRANSPOSE_PADDING = ((2, 2), (2, 2))
+# Architectures (`config.model.arch`): the β-VAE, or the ResNet-18 baseline
+# (`resnet.py`), which uses only image_size, heads and dtype of ModelConfig.
+PUMAMEDNET, RESNET18 = 'pumamednet', 'resnet18'
+ARCHS = (PUMAMEDNET, RESNET18)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,8 +56,11 @@ class ModelConfig:
   # (transposed convs in cuDNN's patterns, for GPUs); the platform policy
   # picks it (`platform.Policy.conv_impl`).
   conv_impl: str = 'xla'
+  arch: str = PUMAMEDNET
 
   def __post_init__(self):
+    if self.arch not in ARCHS:
+      raise ValueError(f'model.arch must be one of {ARCHS}, got {self.arch!r}')
     if len(self.channels) != NUM_STRIDED_LAYERS:
       raise ValueError(
           f'model.channels needs {NUM_STRIDED_LAYERS} widths, got {self.channels}')
@@ -84,6 +92,8 @@ class ModelConfig:
       del data[name]
     data['channels'] = list(self.channels)
     data['heads'] = [h.to_json() for h in self.heads]
+    if self.arch == PUMAMEDNET:  # the JSON that the PyTorch port reads
+      del data['arch']
     return data
 
   @classmethod
@@ -283,7 +293,22 @@ def model_config(config, heads: Sequence[heads_lib.HeadSpec],
       leaky_relu_slope=config.model.leaky_relu_slope,
       dtype=config.model.dtype,
       conv_impl=conv_impl,
+      arch=config.model.arch,
   )
+
+
+def build(model_config: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
+  """The model of `model_config.arch`."""
+  if model_config.arch == RESNET18:
+    from pumamednet_jax import resnet  # pylint: disable=g-import-not-at-top
+    return resnet.ResNet18(model_config.heads, dtype=model_config.dtype,
+                           conv_impl=model_config.conv_impl, rngs=rngs)
+  return PumaMedNet(model_config, rngs=rngs)
+
+
+# What the parameter tree holds: parameters, and BatchNorm's running
+# statistics (ResNet-18), which the train step sets rather than the optimizer.
+STATE = (nnx.Param, nnx.BatchStat)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
@@ -294,9 +319,8 @@ def init_params(model_config: ModelConfig, seed: int) -> dict:
   drawn with the 'rbg' generator, which XLA:CPU compiles in a fraction of
   threefry's time; the same seed gives the same parameters on one backend.
   """
-  model = PumaMedNet(model_config,
-                     rngs=nnx.Rngs(jax.random.key(seed, impl='rbg')))
-  return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  model = build(model_config, nnx.Rngs(jax.random.key(seed, impl='rbg')))
+  return nnx.to_pure_dict(nnx.state(model, nnx.Any(*STATE)))
 
 
 def abstract_params(model_config: ModelConfig) -> dict:
@@ -307,12 +331,42 @@ def abstract_params(model_config: ModelConfig) -> dict:
 @functools.lru_cache(maxsize=16)
 def _graphdef(model_config: ModelConfig):
   return nnx.graphdef(nnx.eval_shape(
-      lambda: PumaMedNet(model_config, rngs=nnx.Rngs(0))))
+      lambda: build(model_config, nnx.Rngs(0))))
 
 
 def bind(model_config: ModelConfig, params: dict) -> PumaMedNet:
   """A model that computes with the given parameters (inside jit, too)."""
   return nnx.merge(_graphdef(model_config), params)
+
+
+def has_decoder(model_config: ModelConfig) -> bool:
+  """Whether the model reconstructs its input (not ResNet-18)."""
+  return model_config.arch == PUMAMEDNET
+
+
+def batch_stats(model: nnx.Module) -> dict:
+  """The BatchNorm statistics of a bound model (after a training forward
+  pass: the updated ones), as a nested dict; {} for PumaMedNet."""
+  return nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
+
+
+def with_batch_stats(params: dict, stats: dict, frozen: Sequence[str] = ()
+                     ) -> dict:
+  """`params` with the BatchNorm statistics of `stats` (those of `batch_stats`),
+  but for the top-level parts named in `frozen`."""
+  if not stats:
+    return params
+  flat = traverse_util.flatten_dict(params)
+  for path, value in traverse_util.flatten_dict(stats).items():
+    if path[0] not in frozen:
+      flat[path] = value
+  return traverse_util.unflatten_dict(flat)
+
+
+def num_params(model_config: ModelConfig) -> int:
+  """Trainable parameters (BatchNorm's running statistics not counted)."""
+  model = nnx.eval_shape(lambda: build(model_config, nnx.Rngs(0)))
+  return count_params_tree(nnx.state(model, nnx.Param))
 
 
 def count_params_tree(params: dict) -> int:

@@ -17,6 +17,7 @@ from sklearn import metrics as sk_metrics
 from input_pipeline import heads as heads_lib
 from pumamednet_jax import inference
 
+# defects.png only for a model with a decoder.
 FILES = ('predictions.csv', 'report.json', 'report.md', 'roc.png',
          'defects.png')
 PAPER_TABLE = 'paper_table1.json'
@@ -41,7 +42,8 @@ def write(out_dir: str, report: dict, *, heads, outputs, ids, columns, grid,
   with open(os.path.join(out_dir, 'report.md'), 'w', encoding='utf-8') as f:
     f.write(markdown(report))
   plot_roc(os.path.join(out_dir, 'roc.png'), report, columns, heads, outputs)
-  plot_defects(os.path.join(out_dir, 'defects.png'), grid, conditions)
+  if grid is not None:  # none without a decoder
+    plot_defects(os.path.join(out_dir, 'defects.png'), grid, conditions)
 
 
 def _number(value) -> str:
@@ -158,6 +160,9 @@ def markdown(report: dict) -> str:
               f"MAE {_ci(age['mae'], age['mae_ci_low'], age['mae_ci_high'], 2)}"
               f" years; Pearson r {_fmt(age['pearson_r'])}.", '']
   defects = report['defects']
+  if 'skipped' in defects:
+    lines += ['## Defect correction', '', f"None: {defects['skipped']}."]
+    return '\n'.join(lines) + '\n'
   lines += ['## Defect correction', '',
             f"Mean SSIM and PSNR (dB) against the clean image, on "
             f"{defects['subset']}.", '',

@@ -27,9 +27,12 @@ from pumamednet_jax import models
 from pumamednet_jax import parallel
 from pumamednet_jax import platform as platform_lib
 from pumamednet_jax import preemption as preemption_lib
+from pumamednet_jax import transfer
 
 # How long the other processes wait for process 0 to prepare the data sets.
 PREPARE_TIMEOUT_S = 4 * 3600
+# The run's config as JSON, in its workdir.
+CONFIG_FILE = 'config.json'
 
 
 @flax.struct.dataclass
@@ -52,6 +55,7 @@ class StepConfig:
   seed: int
   micro_batch_size: int  # config.micro_batch_size (0 = automatic)
   policy: platform_lib.Policy  # of the mesh's devices
+  frozen: tuple[str, ...] = ()  # parts left unchanged (transfer.FREEZE)
 
 
 def check_config(config) -> None:
@@ -91,6 +95,7 @@ def check_config(config) -> None:
                          config.batch_size // jax.device_count())
   losses.LossConfig.from_config(config)
   defects_lib.DefectConfig.from_config(config)
+  transfer.check_config(config)
 
 
 def create_optimizer(config) -> optax.GradientTransformation:
@@ -103,7 +108,7 @@ def create_optimizer(config) -> optax.GradientTransformation:
   if config.grad_clip_norm > 0:
     parts.append(optax.clip_by_global_norm(config.grad_clip_norm))
   parts.append(optax.adam(schedule))
-  return optax.chain(*parts)
+  return transfer.freeze_optimizer(optax.chain(*parts), config.freeze)
 
 
 def create_train_state(model_config: models.ModelConfig,
@@ -175,6 +180,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *,
   # gets the gradient of its own examples (as under pmap), averaged below.
   # (Through the replicated value itself, shard_map would psum it already.)
   local_params = jax.lax.pcast(state.params, parallel.AXIS, to='varying')
+  micro_size = micro_batch_size(step_config.micro_batch_size, local_size,
+                                batch['image'].shape[1], step_config.policy)
 
   def grads_and_terms(micro):
     micro_batch, micro_keys = micro
@@ -186,26 +193,35 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *,
       model = models.bind(step_config.model, params)
       reconstruction, head_outputs, latents = model(defective, latent_keys,
                                                     train=True)
-      return losses.total_loss(
-          reconstruction=reconstruction, clean=clean, head_outputs=head_outputs,
-          latents=latents, batch=micro_batch, heads=heads,
-          weight_map=weight_map, step=state.step, config=step_config.loss,
-          normalisers=normalisers)
+      if reconstruction is None:  # ResNet-18: the classification losses only
+        loss, terms = losses.heads_loss(
+            head_outputs=head_outputs, batch=micro_batch, heads=heads,
+            config=step_config.loss, normalisers=normalisers)
+      else:
+        loss, terms = losses.total_loss(
+            reconstruction=reconstruction, clean=clean,
+            head_outputs=head_outputs, latents=latents, batch=micro_batch,
+            heads=heads, weight_map=weight_map, step=state.step,
+            config=step_config.loss, normalisers=normalisers)
+      return loss, (terms, models.batch_stats(model))
 
-    (_, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(local_params)
-    return grads, terms
+    (_, (terms, stats)), grads = jax.value_and_grad(
+        loss_fn, has_aux=True)(local_params)
+    # BatchNorm statistics: the mean over the micro-batches.
+    stats = jax.tree.map(lambda x: x * (micro_size / local_size), stats)
+    return grads, terms, stats
 
-  micro_size = micro_batch_size(step_config.micro_batch_size, local_size,
-                                batch['image'].shape[1], step_config.policy)
-  grads, terms = sum_over_micro_batches(grads_and_terms, (batch, keys),
-                                        micro_size)
+  grads, terms, stats = sum_over_micro_batches(grads_and_terms, (batch, keys),
+                                               micro_size)
+  stats = jax.lax.pmean(stats, parallel.AXIS)
   grads = jax.lax.pmean(grads, parallel.AXIS)
   terms = jax.lax.pmean(terms, parallel.AXIS)
   terms['beta'] = losses.beta_at(state.step, step_config.loss)
   if step_config.loss.capacity_gamma > 0:
     terms['capacity'] = losses.capacity_at(state.step, step_config.loss)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
+  params = models.with_batch_stats(
+      optax.apply_updates(state.params, updates), stats, step_config.frozen)
   # A non-finite loss or gradient never reaches the parameters.
   finite = jnp.isfinite(terms['total']) & _all_finite(grads)
   keep_if_bad = lambda new, old: jnp.where(finite, new, old)
@@ -245,7 +261,8 @@ def make_steps(config, model_config: models.ModelConfig, mesh,
   step_config = StepConfig(
       model=model_config, loss=losses.LossConfig.from_config(config),
       defects=defects_lib.DefectConfig.from_config(config), seed=config.seed,
-      micro_batch_size=config.micro_batch_size, policy=policy)
+      micro_batch_size=config.micro_batch_size, policy=policy,
+      frozen=transfer.FREEZE[config.freeze])
   data_parallel = functools.partial(
       parallel.data_parallel, mesh=mesh,
       compiler_options=policy.compiler_options)
@@ -406,13 +423,20 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
 
   manager = checkpoints.create_manager(workdir, keep=config.keep_checkpoints)
   state = restore_or_init(manager, model_config, optimizer, config.seed, mesh)
-  start_step = int(state.step)
   is_main = jax.process_index() == 0
+  if manager.latest_step() is None:
+    state = state.replace(params=jax.device_put(
+        transfer.initial_params(config, workdir, state.params, model_config),
+        jax.sharding.NamedSharding(mesh, parallel.REPLICATED)))
+    if is_main:  # what `compare` reads of the run
+      with open(os.path.join(workdir, CONFIG_FILE), 'w') as f:
+        f.write(config.to_json_best_effort(indent=2))
+  start_step = int(state.step)
   writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
   if start_step == 0:
     writer.write_hparams(hparams(config))
   logging.info('model: %d parameters; heads: %s; devices: %d on %d process(es); '
-               'starting at step %d of %d', models.count_params_tree(state.params),
+               'starting at step %d of %d', models.num_params(model_config),
                [h.name for h in heads], jax.device_count(), jax.process_count(),
                start_step, config.num_train_steps)
 
@@ -425,8 +449,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
 
   def run_eval(step):
     with report_progress.timed('eval'):
-      report, grid = evaluate(eval_fn, grid_fn, state.params, eval_batches(),
-                              mesh, heads, config.num_grid_images)
+      report, grid = evaluate(
+          eval_fn, grid_fn, state.params, eval_batches(), mesh, heads,
+          config.num_grid_images if models.has_decoder(model_config) else 0)
     writer.write_scalars(step, {f'eval/{k}': v for k, v in report.items()})
     if grid is not None and is_main:
       writer.write_images(step, {'eval/defective|reconstruction|clean':
