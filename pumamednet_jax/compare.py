@@ -214,24 +214,27 @@ def write(workdirs: list[str], out: str, split: str = 'test',
   return result
 
 
-_WORKDIRS = flags.DEFINE_list('workdirs', None, 'Training workdirs to compare '
-                              '(the first is the reference of the paired test).')
-_SPLIT = flags.DEFINE_string('split', 'test', 'Split to score.')
-_OUT = flags.DEFINE_string('out', None, 'Folder of compare.json and compare.md.')
-_BOOTSTRAP = flags.DEFINE_integer('bootstrap', 1000, 'Bootstrap resamples.')
+def _define_flags():
+  """The command's flags (defined only when run as a command)."""
+  flags.DEFINE_list('workdirs', None, 'Training workdirs to compare '
+                    '(the first is the reference of the paired test).')
+  flags.DEFINE_string('split', 'test', 'Split to score.')
+  flags.DEFINE_string('out', None, 'Folder of compare.json and compare.md.')
+  flags.DEFINE_integer('bootstrap', 1000, 'Bootstrap resamples.')
 
 
 def main(argv):
   # Space-separated workdirs after --workdirs arrive as extra arguments.
-  workdirs = list(_WORKDIRS.value or []) + list(argv[1:])
+  workdirs = list(flags.FLAGS.workdirs or []) + list(argv[1:])
   if not workdirs:
     raise app.UsageError('--workdirs A B ...: the runs to compare')
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], 'GPU')
-  result = write(workdirs, _OUT.value, _SPLIT.value, _BOOTSTRAP.value)
-  print(markdown(result, _SPLIT.value, _BOOTSTRAP.value))
+  result = write(workdirs, flags.FLAGS.out, flags.FLAGS.split, flags.FLAGS.bootstrap)
+  print(markdown(result, flags.FLAGS.split, flags.FLAGS.bootstrap))
 
 
 if __name__ == '__main__':
+  _define_flags()
   flags.mark_flags_as_required(['out'])
   app.run(main)

@@ -280,21 +280,23 @@ def _write_json(path: str, data) -> None:
 
 # --- Command line -------------------------------------------------------------
 
-_CONFIG = config_flags.DEFINE_config_file(
-    'config', os.path.join(os.path.dirname(os.path.dirname(
-        os.path.abspath(__file__))), 'configs', 'default.py'),
-    'The training config (its data set and image size).')
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Training directory.')
-_OUT = flags.DEFINE_string('out', None, 'Output folder.')
-_SPLIT = flags.DEFINE_string('split', 'validation', 'Split explained.')
-_NUM_IMAGES = flags.DEFINE_integer('num_images', 8,
-                                   'Images in the figures and the page.')
-_ATTRIBUTES = flags.DEFINE_list('attributes', list(DEFAULT_ATTRIBUTES),
-                                'Attributes interpolated.')
-_HEADS = flags.DEFINE_list('heads', list(DEFAULT_HEADS),
-                           'Heads whose relevant latents are traversed.')
-_STEP = flags.DEFINE_integer('step', None, 'Checkpoint step (default latest).')
-flags.mark_flags_as_required(['workdir', 'out'])
+def _define_flags():
+  """The command's flags (defined only when run as a command)."""
+  config_flags.DEFINE_config_file(
+      'config', os.path.join(os.path.dirname(os.path.dirname(
+          os.path.abspath(__file__))), 'configs', 'default.py'),
+      'The training config (its data set and image size).')
+  flags.DEFINE_string('workdir', None, 'Training directory.')
+  flags.DEFINE_string('out', None, 'Output folder.')
+  flags.DEFINE_string('split', 'validation', 'Split explained.')
+  flags.DEFINE_integer('num_images', 8,
+                       'Images in the figures and the page.')
+  flags.DEFINE_list('attributes', list(DEFAULT_ATTRIBUTES),
+                    'Attributes interpolated.')
+  flags.DEFINE_list('heads', list(DEFAULT_HEADS),
+                    'Heads whose relevant latents are traversed.')
+  flags.DEFINE_integer('step', None, 'Checkpoint step (default latest).')
+  flags.mark_flags_as_required(['workdir', 'out'])
 
 
 def main(argv):
@@ -302,15 +304,15 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every restore step.
-  settings = Settings(split=_SPLIT.value, num_images=_NUM_IMAGES.value,
-                      attributes=tuple(_ATTRIBUTES.value),
-                      heads=tuple(_HEADS.value), step=_STEP.value)
+  settings = Settings(split=flags.FLAGS.split, num_images=flags.FLAGS.num_images,
+                      attributes=tuple(flags.FLAGS.attributes),
+                      heads=tuple(flags.FLAGS.heads), step=flags.FLAGS.step)
   try:
-    result = explain(_WORKDIR.value, _OUT.value, _CONFIG.value, settings)
+    result = explain(flags.FLAGS.workdir, flags.FLAGS.out, flags.FLAGS.config, settings)
   except (ValueError, FileNotFoundError) as error:
     print(f'explain: {error}', file=sys.stderr)
     return 1
-  print(summary_line(result, _OUT.value))
+  print(summary_line(result, flags.FLAGS.out))
   return 0
 
 
@@ -325,4 +327,5 @@ def summary_line(result: dict, out: str) -> str:
 
 
 if __name__ == '__main__':
+  _define_flags()
   app.run(main)

@@ -399,29 +399,31 @@ def _write_png(out: str, folder: str, name: str, image: np.ndarray) -> str:
 
 # --- Command line -----------------------------------------------------------
 
-_WORKDIR = flags.DEFINE_string('workdir', None,
-                               'Training directory whose checkpoint predicts.')
-_STEP = flags.DEFINE_integer('step', None,
-                             'Checkpoint step (default: the latest).')
-_WEIGHTS = flags.DEFINE_string(
-    'weights', None, 'Exported weights (model.safetensors), instead of '
-    '--workdir.')
-_MODEL_CONFIG = flags.DEFINE_string(
-    'model_config', None, 'Architecture JSON of --weights (default: beside '
-    'them, model.json).')
-_REPORT = flags.DEFINE_string(
-    'report', None, 'Evaluation report.json whose thresholds give the calls '
-    '(default: W/report/test/report.json, else validation).')
-_OUT = flags.DEFINE_string('out', None, 'Output folder.')
-_BATCH = flags.DEFINE_integer('batch', 32, 'Images per model call.')
-_EXPLAIN = flags.DEFINE_bool(
-    'explain', False, 'Also write latent-shift explanations of the top finding.')
-_OVERWRITE = flags.DEFINE_bool(
-    'overwrite', False, 'Replace the results that --out already holds.')
-_WORKERS = flags.DEFINE_integer(
-    'workers', None, 'Decoding processes (default: one per CPU core; 0: '
-    'decode in this process).')
-flags.mark_flags_as_required(['out'])
+def _define_flags():
+  """The command's flags (defined only when run as a command)."""
+  flags.DEFINE_string('workdir', None,
+                      'Training directory whose checkpoint predicts.')
+  flags.DEFINE_integer('step', None,
+                       'Checkpoint step (default: the latest).')
+  flags.DEFINE_string(
+      'weights', None, 'Exported weights (model.safetensors), instead of '
+      '--workdir.')
+  flags.DEFINE_string(
+      'model_config', None, 'Architecture JSON of --weights (default: beside '
+      'them, model.json).')
+  flags.DEFINE_string(
+      'report', None, 'Evaluation report.json whose thresholds give the calls '
+      '(default: W/report/test/report.json, else validation).')
+  flags.DEFINE_string('out', None, 'Output folder.')
+  flags.DEFINE_integer('batch', 32, 'Images per model call.')
+  flags.DEFINE_bool(
+      'explain', False, 'Also write latent-shift explanations of the top finding.')
+  flags.DEFINE_bool(
+      'overwrite', False, 'Replace the results that --out already holds.')
+  flags.DEFINE_integer(
+      'workers', None, 'Decoding processes (default: one per CPU core; 0: '
+      'decode in this process).')
+  flags.mark_flags_as_required(['out'])
 
 
 def main(argv):
@@ -431,11 +433,11 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # Orbax logs every restore step.
   try:
     summary = predict(
-        argv[1:], _OUT.value, workdir=_WORKDIR.value, step=_STEP.value,
-        weights=_WEIGHTS.value, model_config=_MODEL_CONFIG.value,
-        report=_REPORT.value, batch_size=_BATCH.value,
-        explain=_EXPLAIN.value, overwrite=_OVERWRITE.value,
-        num_workers=_WORKERS.value)
+        argv[1:], flags.FLAGS.out, workdir=flags.FLAGS.workdir, step=flags.FLAGS.step,
+        weights=flags.FLAGS.weights, model_config=flags.FLAGS.model_config,
+        report=flags.FLAGS.report, batch_size=flags.FLAGS.batch,
+        explain=flags.FLAGS.explain, overwrite=flags.FLAGS.overwrite,
+        num_workers=flags.FLAGS.workers)
   except (ValueError, FileNotFoundError, FileExistsError) as error:
     print(f'predict: {error}', file=sys.stderr)
     return 1
@@ -444,4 +446,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  _define_flags()
   app.run(main)

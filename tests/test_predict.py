@@ -85,7 +85,7 @@ def probabilities(row) -> np.ndarray:
 def run_cli(*args, block_torch=False) -> subprocess.CompletedProcess:
   prefix = "import sys; sys.modules['torch'] = None; " if block_torch else ''
   code = prefix + ('from absl import app; from pumamednet_jax import predict; '
-                   'app.run(predict.main)')
+                   'predict._define_flags(); app.run(predict.main)')
   return subprocess.run([sys.executable, '-c', code, *map(str, args)],
                         cwd=REPO_ROOT, capture_output=True, text=True,
                         check=False, timeout=600)
