@@ -14,24 +14,27 @@ from absl import logging
 from pumamednet_jax import checkpoints
 from pumamednet_jax import torch_convert
 
-_WORKDIR = flags.DEFINE_string(
-    'workdir', None, 'Training directory whose checkpoint is exported.')
-_STEP = flags.DEFINE_integer(
-    'step', None, 'Checkpoint step to export (default: the latest).')
-_OUTPUT = flags.DEFINE_string(
-    'output', None,
-    'The .safetensors file to write; the architecture JSON goes beside it '
-    '(model.safetensors → model.json).')
-flags.mark_flags_as_required(['workdir', 'output'])
+def _define_flags():
+  """The command's flags (defined only when run as a command)."""
+  flags.DEFINE_string(
+      'workdir', None, 'Training directory whose checkpoint is exported.')
+  flags.DEFINE_integer(
+      'step', None, 'Checkpoint step to export (default: the latest).')
+  flags.DEFINE_string(
+      'output', None,
+      'The .safetensors file to write; the architecture JSON goes beside it '
+      '(model.safetensors → model.json).')
+  flags.mark_flags_as_required(['workdir', 'output'])
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  model_config, params = checkpoints.load_params(_WORKDIR.value, _STEP.value)
-  json_path = torch_convert.save_safetensors(_OUTPUT.value, model_config, params)
-  logging.info('Wrote %s and %s', _OUTPUT.value, json_path)
+  model_config, params = checkpoints.load_params(flags.FLAGS.workdir, flags.FLAGS.step)
+  json_path = torch_convert.save_safetensors(flags.FLAGS.output, model_config, params)
+  logging.info('Wrote %s and %s', flags.FLAGS.output, json_path)
 
 
 if __name__ == '__main__':
+  _define_flags()
   app.run(main)

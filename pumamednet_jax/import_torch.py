@@ -15,26 +15,29 @@ from absl import logging
 from pumamednet_jax import checkpoints
 from pumamednet_jax import torch_convert
 
-_WEIGHTS = flags.DEFINE_string(
-    'weights', None, 'The .safetensors state dict of `torch_model.PumaMedNet`.')
-_MODEL_CONFIG = flags.DEFINE_string(
-    'model_config', None,
-    'Architecture JSON (default: beside the weights, model.json).')
-_WORKDIR = flags.DEFINE_string(
-    'workdir', None, 'Directory to write the orbax checkpoint to.')
-_STEP = flags.DEFINE_integer('step', 0, 'Step number of the checkpoint.')
-flags.mark_flags_as_required(['weights', 'workdir'])
+def _define_flags():
+  """The command's flags (defined only when run as a command)."""
+  flags.DEFINE_string(
+      'weights', None, 'The .safetensors state dict of `torch_model.PumaMedNet`.')
+  flags.DEFINE_string(
+      'model_config', None,
+      'Architecture JSON (default: beside the weights, model.json).')
+  flags.DEFINE_string(
+      'workdir', None, 'Directory to write the orbax checkpoint to.')
+  flags.DEFINE_integer('step', 0, 'Step number of the checkpoint.')
+  flags.mark_flags_as_required(['weights', 'workdir'])
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   model_config, params = torch_convert.load_safetensors(
-      _WEIGHTS.value, _MODEL_CONFIG.value)
-  checkpoints.save_params(_WORKDIR.value, model_config, params, _STEP.value)
-  logging.info('Wrote step %d of %s to %s', _STEP.value, _WEIGHTS.value,
-               _WORKDIR.value)
+      flags.FLAGS.weights, flags.FLAGS.model_config)
+  checkpoints.save_params(flags.FLAGS.workdir, model_config, params, flags.FLAGS.step)
+  logging.info('Wrote step %d of %s to %s', flags.FLAGS.step, flags.FLAGS.weights,
+               flags.FLAGS.workdir)
 
 
 if __name__ == '__main__':
+  _define_flags()
   app.run(main)

@@ -1,6 +1,8 @@
 """Imports go one way: nothing under input_pipeline/ imports the model."""
 
 import ast
+import subprocess
+import sys
 import pathlib
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -46,3 +48,19 @@ def test_input_pipeline_does_not_import_the_model():
                for path in files
                for line in model_imports(path.read_text())]
   assert not offenders, f'input_pipeline imports {MODEL_PACKAGE}: {offenders}'
+
+
+def test_every_module_imports_in_one_process():
+  """Commands define their absl flags only when run, so any two modules (a
+  library user's, or a test's) import together."""
+  modules = [
+      '.'.join(path.relative_to(REPO_ROOT).with_suffix('').parts)
+      for package in (MODEL_PACKAGE, 'input_pipeline')
+      for path in sorted((REPO_ROOT / package).rglob('*.py'))
+      if path.name not in ('__init__.py', '__main__.py')]
+  code = 'import importlib, sys\nfor name in sys.argv[1:]:\n  importlib.import_module(name)\n'
+  result = subprocess.run([sys.executable, '-c', code, *modules], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=600,
+                          check=False)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert len(modules) > 30
