@@ -9,12 +9,17 @@ paper's Fig. 4 and the 3-class transfer set.
 
 import dataclasses
 
+from input_pipeline import labels as labels_lib
+
 MULTILABEL = 'multilabel'  # independent sigmoids, one per name (findings)
 BINARY = 'binary'  # one sigmoid; target in {0, 1} (view, sex, age above median)
 MULTICLASS = 'multiclass'  # softmax over names (transfer-learning classes)
 REGRESSION = 'regression'  # one real value; target / scale is predicted (age)
 
 KINDS = (MULTILABEL, BINARY, MULTICLASS, REGRESSION)
+
+AGE_ABOVE_MEDIAN = 'age_above_median'  # binary head derived from the age feature
+AGE_SCALE = 100.0  # the age head predicts years / 100
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,3 +57,23 @@ class HeadSpec:
         names=tuple(data.get('names', ())),
         scale=float(data.get('scale', 1.0)),
     )
+
+
+def labels_head() -> HeadSpec:
+  """The 15 ChestX-ray14 findings (with No Finding) as independent sigmoids."""
+  return HeadSpec('labels', MULTILABEL, labels_lib.LABELS)
+
+
+def age_heads() -> tuple[HeadSpec, HeadSpec]:
+  """The two heads of an age feature: above the median, and years / 100."""
+  return (HeadSpec(AGE_ABOVE_MEDIAN, BINARY, ('below', 'above')),
+          HeadSpec('age', REGRESSION, scale=AGE_SCALE))
+
+
+def chestxray14_heads() -> tuple[HeadSpec, ...]:
+  """The heads the pipeline gives ChestX-ray14 and its phantom (findings,
+  view, sex, age above the median, age), without reading a data set."""
+  return (labels_head(),
+          HeadSpec('view', BINARY, labels_lib.VIEWS),
+          HeadSpec('sex', BINARY, labels_lib.SEXES),
+          *age_heads())

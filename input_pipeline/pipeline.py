@@ -23,13 +23,10 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from input_pipeline import heads as heads_lib
-from input_pipeline import labels as labels_lib
 from input_pipeline import preparation
 
 # Features that can become heads, in head order.
 HEAD_FEATURES = ('labels', 'view', 'sex', 'age', 'label')
-AGE_ABOVE_MEDIAN = 'age_above_median'
-AGE_SCALE = 100.0  # the age head predicts years / 100
 FOLDER_DATASETS = ('covid3', 'textures', 'medical_mnist')
 # Sets of the pre-training mixture; DTD comes from TFDS's own `dtd` builder.
 MIXTURE_DATASETS = ('dtd', 'textures', 'medical_mnist')
@@ -140,16 +137,12 @@ def _feature_heads(builder, head_features) -> list[heads_lib.HeadSpec]:
           f'{builder.info.full_name} (features: {", ".join(features.keys())})')
     feature = features[name]
     if name == 'labels':
-      specs.append(heads_lib.HeadSpec(name, heads_lib.MULTILABEL,
-                                      labels_lib.LABELS))
+      specs.append(heads_lib.labels_head())
     elif isinstance(feature, tfds.features.ClassLabel):
       kind = heads_lib.BINARY if feature.num_classes == 2 else heads_lib.MULTICLASS
       specs.append(heads_lib.HeadSpec(name, kind, tuple(feature.names)))
     elif name == 'age':
-      specs.append(heads_lib.HeadSpec(AGE_ABOVE_MEDIAN, heads_lib.BINARY,
-                                      ('below', 'above')))
-      specs.append(heads_lib.HeadSpec('age', heads_lib.REGRESSION,
-                                      scale=AGE_SCALE))
+      specs.extend(heads_lib.age_heads())
     else:
       raise ValueError(f'config.head_features: feature {name!r} of type '
                        f'{type(feature).__name__} cannot be a head')
@@ -191,7 +184,7 @@ def _encoded(source: Source, split: str, heads, multi: bool) -> tf.data.Dataset:
                      f'(splits: {", ".join(builder.info.splits.keys())})')
   features = builder.info.features
   median = (age_median(builder)
-            if any(h.name == AGE_ABOVE_MEDIAN for h in heads) else None)
+            if any(h.name == heads_lib.AGE_ABOVE_MEDIAN for h in heads) else None)
   ds = builder.as_dataset(split=split, shuffle_files=False,
                           decoders={'image': tfds.decode.SkipDecoding()})
 
@@ -204,8 +197,8 @@ def _encoded(source: Source, split: str, heads, multi: bool) -> tf.data.Dataset:
                           else tf.constant(0, tf.int32))
         out[f'{head.name}_mask'] = tf.constant(1.0 if mine else 0.0)
         continue
-      name = 'age' if head.name == AGE_ABOVE_MEDIAN else head.name
-      if head.name == AGE_ABOVE_MEDIAN:
+      name = 'age' if head.name == heads_lib.AGE_ABOVE_MEDIAN else head.name
+      if head.name == heads_lib.AGE_ABOVE_MEDIAN:
         out[head.name] = tf.cast(example['age'] > median, tf.float32)
       elif head.kind == heads_lib.MULTICLASS:
         out[head.name] = tf.cast(example[name], tf.int32)

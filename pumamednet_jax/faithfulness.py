@@ -7,7 +7,6 @@ from scipy import stats
 
 from input_pipeline import heads as heads_lib
 from input_pipeline import labels as labels_lib
-from input_pipeline import pipeline
 from pumamednet_jax import judge as judge_lib
 from pumamednet_jax import latent as latent_lib
 from pumamednet_jax import stats as stats_lib
@@ -18,14 +17,14 @@ ABLATION_CURVE = (1, 2, 5, 10, 20, 50)
 # The model's output that scores each metadata attribute's group 1.
 MODEL_OUTPUT = {judge_lib.HEALTH: labels_lib.NO_FINDING,
                 judge_lib.SEX: 'sex', judge_lib.VIEW: 'view',
-                judge_lib.AGE: pipeline.AGE_ABOVE_MEDIAN}
+                judge_lib.AGE: heads_lib.AGE_ABOVE_MEDIAN}
 
 
 def model_output(attribute: str, outputs) -> str:
   """The model's output that scores `attribute` (its group 1)."""
   name = MODEL_OUTPUT.get(attribute, attribute)
   names = [o.name for o in outputs]
-  if name == pipeline.AGE_ABOVE_MEDIAN and name not in names:
+  if name == heads_lib.AGE_ABOVE_MEDIAN and name not in names:
     name = 'age'
   return name
 

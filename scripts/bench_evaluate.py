@@ -81,12 +81,7 @@ def bench_model():
   from input_pipeline import heads as heads_lib  # pylint: disable=g-import-not-at-top
   config = chestxray14.get_config()
   config.image_size = size = _IMAGE_SIZE.value
-  heads = (heads_lib.HeadSpec('labels', heads_lib.MULTILABEL, labels.LABELS),
-           heads_lib.HeadSpec('view', heads_lib.BINARY, labels.VIEWS),
-           heads_lib.HeadSpec('sex', heads_lib.BINARY, labels.SEXES),
-           heads_lib.HeadSpec('age_above_median', heads_lib.BINARY,
-                              ('below', 'above')),
-           heads_lib.HeadSpec('age', heads_lib.REGRESSION, scale=100.0))
+  heads = heads_lib.chestxray14_heads()
   mesh = parallel.create_mesh()
   policy = platform_lib.for_mesh(mesh, config.model.conv_impl)
   model_config = models.model_config(config, heads, policy.conv_impl)

@@ -39,7 +39,6 @@ import jax
 
 from configs import chestxray14
 from input_pipeline import heads as heads_lib
-from input_pipeline import labels as labels_lib
 from pumamednet_jax import benchmark
 from pumamednet_jax import models
 from pumamednet_jax import parallel
@@ -91,19 +90,6 @@ EXPERIMENTS = (
     Experiment('pipeline', kind='pipeline', batch=256),
 )
 CONV_IMPL_EXPERIMENTS = ('float32_b64_xla', 'float32_b64_cudnn', 'float32_b64_fast')
-
-
-def preset_heads() -> tuple[heads_lib.HeadSpec, ...]:
-  """The heads `pipeline.head_specs` gives ChestX-ray14 (labels, view, sex,
-  age above the median, age), built without TensorFlow."""
-  return (
-      heads_lib.HeadSpec('labels', heads_lib.MULTILABEL, labels_lib.LABELS),
-      heads_lib.HeadSpec('view', heads_lib.BINARY, labels_lib.VIEWS),
-      heads_lib.HeadSpec('sex', heads_lib.BINARY, labels_lib.SEXES),
-      heads_lib.HeadSpec('age_above_median', heads_lib.BINARY,
-                         ('below', 'above')),
-      heads_lib.HeadSpec('age', heads_lib.REGRESSION, scale=100.0),
-  )
 
 
 def experiment_config(base, experiment: Experiment, conv_impl: str):
@@ -279,7 +265,7 @@ def run(out_dir: str, *, image_size: int = 256, experiments=None,
                      f'{", ".join(names)}')
   config = base_config or chestxray14.get_config()
   config.image_size = image_size
-  heads = preset_heads()
+  heads = heads_lib.chestxray14_heads()
   start = time.perf_counter()
   lines, rates = [], {}
   path = os.path.join(out_dir, 'results.jsonl')

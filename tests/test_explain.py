@@ -15,7 +15,6 @@ from PIL import Image
 
 from configs import default
 from input_pipeline import heads as heads_lib
-from input_pipeline import labels as labels_lib
 from input_pipeline import phantom
 from input_pipeline import pipeline
 from pumamednet_jax import checkpoints
@@ -27,14 +26,7 @@ from pumamednet_jax import models
 from pumamednet_jax import platform as platform_lib
 from e2e_support import REPO_ROOT, shrink
 
-HEADS = (
-    heads_lib.HeadSpec('labels', heads_lib.MULTILABEL, labels_lib.LABELS),
-    heads_lib.HeadSpec('view', heads_lib.BINARY, labels_lib.VIEWS),
-    heads_lib.HeadSpec('sex', heads_lib.BINARY, labels_lib.SEXES),
-    heads_lib.HeadSpec('age_above_median', heads_lib.BINARY,
-                       ('below', 'above')),
-    heads_lib.HeadSpec('age', heads_lib.REGRESSION, scale=100.0),
-)
+HEADS = heads_lib.chestxray14_heads()
 # The phantom of these tests: enough test images for the judges' groups.
 DATA_OVERRIDES = {'phantom__num_train': 8, 'phantom__num_validation': 48,
                   'phantom__num_test': 160}

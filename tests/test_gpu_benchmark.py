@@ -10,7 +10,6 @@ import sys
 from configs import chestxray14
 from e2e_support import REPO_ROOT
 from e2e_support import shrink
-from input_pipeline import pipeline
 from scripts import gpu_benchmark
 
 # The tiny model of the end-to-end tests, on the paper preset.
@@ -21,12 +20,6 @@ TINY_MODEL = {'model.channels': (4, 4, 8, 8, 8, 8), 'model.latent_dim': 8,
 def tiny_preset():
   return shrink(chestxray14.get_config(), **{
       k.replace('.', '__'): v for k, v in TINY_MODEL.items()})
-
-
-def test_preset_heads_are_the_pipelines():
-  config = chestxray14.get_config()
-  assert gpu_benchmark.preset_heads() == pipeline.head_specs(
-      pipeline.get_sources(config), config.head_features)
 
 
 def test_every_experiment_writes_its_line(tmp_path):

@@ -9,10 +9,12 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from configs import chestxray14
 from configs import default
 from configs import pretrain
 from e2e_support import shrink
 from input_pipeline import folders
+from input_pipeline import heads as heads_lib
 from input_pipeline import labels
 from input_pipeline import pipeline
 
@@ -176,3 +178,10 @@ def test_pretraining_mixture_samples_every_set_with_its_own_head(tmp_path):
   with pytest.raises(ValueError, match='config.mixture.weights'):
     config.mixture.weights = (1.0,)
     pipeline.get_sources(config)
+
+
+@pytest.mark.parametrize('get_config', [chestxray14.get_config, default.get_config])
+def test_chestxray14_heads_are_the_pipelines(get_config):
+  config = get_config()
+  assert heads_lib.chestxray14_heads() == pipeline.head_specs(
+      pipeline.get_sources(config), config.head_features)

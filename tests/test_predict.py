@@ -35,14 +35,7 @@ REAL_PNG = '00000001_000.png'
 REAL_DICOM = '1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm'
 FAKE_MONOCHROME1 = 'Fake_MONOHR1.dcm'
 # The heads of the phantom (ChestX-ray14 variant), as the pipeline makes them.
-HEADS = (
-    heads_lib.HeadSpec('labels', heads_lib.MULTILABEL, labels_lib.LABELS),
-    heads_lib.HeadSpec('view', heads_lib.BINARY, labels_lib.VIEWS),
-    heads_lib.HeadSpec('sex', heads_lib.BINARY, labels_lib.SEXES),
-    heads_lib.HeadSpec('age_above_median', heads_lib.BINARY,
-                       ('below', 'above')),
-    heads_lib.HeadSpec('age', heads_lib.REGRESSION, scale=100.0),
-)
+HEADS = heads_lib.chestxray14_heads()
 
 
 @pytest.fixture(scope='module')
