@@ -125,6 +125,15 @@ def head_rows(columns: list[Column], threshold_columns: dict[str, Column],
       (row['auc_defective_ci_low'],
        row['auc_defective_ci_high']) = _interval(
            replicates[inference.DEFECTIVE + column.name])
+    if row['auc'] == 1.0:
+      row['auc_lower_bound'] = stats.separable_auc_lower_bound(
+          row['n_pos'], row['n_neg'], LEVEL)
+      row['note'] = (
+          'the score separates every positive from every negative, so every '
+          'resample does too and the bootstrap interval has no width; a '
+          f"one-sided {LEVEL:.0%} lower bound is {row['auc_lower_bound']:.4f} "
+          f"(Clopper–Pearson over {min(row['n_pos'], row['n_neg'])} disjoint "
+          'positive–negative pairs)')
     row['ece'] = stats.expected_calibration_error(scores, targets)
     reference = threshold_columns[column.name]
     missing = _missing_class(reference)

@@ -178,6 +178,26 @@ def auc(scores: np.ndarray, targets: np.ndarray) -> float:
   return float(sk_metrics.roc_auc_score(targets > 0.5, scores))
 
 
+def separable_auc_lower_bound(num_pos: int, num_neg: int,
+                              level: float = 0.95) -> float:
+  """A one-sided lower confidence bound on the AUC of a score that separates
+  every positive from every negative in the sample.
+
+  The bootstrap cannot give one (every resample separates too, so its
+  interval has no width). Written by hand (no library has it): pair
+  min(num_pos, num_neg) positives with as many negatives, disjointly; each
+  pair is ordered correctly with probability AUC, independently, so all k
+  are with probability AUC^k, and AUC^k >= 1 − level bounds it (the exact
+  Clopper–Pearson bound for k successes in k trials). Conservative: it uses
+  k pairs of the num_pos × num_neg.
+  """
+  pairs = min(num_pos, num_neg)
+  if pairs < 1:
+    raise ValueError(f'need a positive and a negative, got {num_pos} and '
+                     f'{num_neg}')
+  return float((1.0 - level) ** (1.0 / pairs))
+
+
 def youden_threshold(scores: np.ndarray, targets: np.ndarray) -> float:
   """The threshold maximising sensitivity + specificity − 1 (Youden's J);
   an example is called positive when its score is at least the threshold."""

@@ -140,6 +140,24 @@ def test_a_label_without_positives_is_na_and_the_rest_is_written():
   assert mean['num_labels'] == 1 and mean['value'] == rows['labels/A']['auc']
 
 
+def test_a_perfectly_separated_head_says_why_its_interval_has_no_width():
+  heads = (heads_lib.HeadSpec('view', heads_lib.BINARY, ('PA', 'AP')),)
+  target = np.r_[np.zeros(30), np.ones(20)].astype(np.float32)
+  score = (target + np.random.default_rng(0).random(target.shape) * 0.5)
+  outputs = {'view/score': score.astype(np.float32), 'view/target': target,
+             'view/mask': np.ones_like(target)}
+  columns = evaluate.binary_columns(heads, outputs)
+  resampling = stats.Resampling(
+      50, events=evaluate.class_events(columns), num_resamples=100)
+  replicates = stats.bootstrap(
+      evaluate.bootstrap_statistics(columns, outputs, heads), resampling)
+  row = evaluate.head_rows(columns, {c.name: c for c in columns}, replicates,
+                           'test', 'validation')['view']
+  assert row['auc'] == row['ci_low'] == row['ci_high'] == 1.0
+  assert row['auc_lower_bound'] == pytest.approx(0.05 ** (1 / 20))
+  assert 'no width' in row['note'] and '20 disjoint' in row['note']
+
+
 def test_paper_table_asset_names_its_source():
   table = report_lib.paper_table()
   assert 'doi:10.13053/CyS-27-4-4777' in table['source']

@@ -122,3 +122,15 @@ def test_expected_calibration_error():
   # Always 0.9, always wrong: |0 − 0.9| in the one occupied bin.
   assert stats.expected_calibration_error(
       np.full(10, 0.9), np.zeros(10)) == pytest.approx(0.9)
+
+
+def test_separable_auc_lower_bound_is_exact_for_one_pair_and_tightens():
+  # One pair ordered right: P = AUC ≥ 0.05.
+  assert stats.separable_auc_lower_bound(1, 500) == pytest.approx(0.05)
+  # k pairs all right with probability AUC^k: at the bound it is 5%.
+  bound = stats.separable_auc_lower_bound(1000, 40)
+  assert bound ** 40 == pytest.approx(0.05)
+  assert (stats.separable_auc_lower_bound(10, 10) <
+          stats.separable_auc_lower_bound(100, 1000) < 1.0)
+  with pytest.raises(ValueError, match='need a positive and a negative'):
+    stats.separable_auc_lower_bound(0, 10)
