@@ -65,7 +65,7 @@ TEST_SPLITS = {'iid': 'test', 'deconfounded': 'test_deconfounded',
                'anticorrelated': 'test_anticorrelated'}
 SPLITS = (TRAIN_SPLIT, FIT_SPLIT, *TEST_SPLITS.values())
 KEYS = ('iid_auc', 'deconfounded_auc', 'anticorrelated_auc',
-        'confounder_only_auc', 'probe_auc')
+        'confounder_only_auc', 'probe_auc', 'nonlinear_probe_auc')
 METHODS = {
     'ignored': 'the top latents set to their training mean',
     'randomised': 'the top latents drawn from their training marginal',
@@ -239,9 +239,12 @@ def measure(splits: dict[str, Split], transform, score: Scorer, *,
   row['confounder_only_auc'] = float(metrics.roc_auc_score(iid.target,
                                                            iid.confounder))
   fit, held_out = splits[FIT_SPLIT], splits[TEST_SPLITS['deconfounded']]
-  row['probe_auc'] = confounder_lib.probe_auc(
-      transform(fit.latents), fit.confounder, transform(held_out.latents),
-      held_out.confounder, seed=seed)
+  for key, probe in (('probe_auc', confounder_lib.probe_auc),
+                     ('nonlinear_probe_auc',
+                      confounder_lib.nonlinear_probe_auc)):
+    row[key] = probe(transform(fit.latents), fit.confounder,
+                     transform(held_out.latents), held_out.confounder,
+                     seed=seed)
   return row
 
 
@@ -367,15 +370,16 @@ def markdown(report: dict) -> str:
       f"({settings['num_resamples']} stratified resamples).",
       '',
       '| | i.i.d. AUC | de-confounded AUC | anti-correlated AUC | '
-      f"probe AUC ({settings['confounder']} from z) |",
-      '|---|---|---|---|---|',
+      f"probe AUC ({settings['confounder']} from z) | non-linear probe AUC |",
+      '|---|---|---|---|---|---|',
   ]
   rows = [('none', report['audit'])] + list(report['mitigated'].items())
   for name, row in rows:
     what = 'as trained' if name == 'none' else METHODS[name]
     lines.append(f'| {name}: {what} | ' + ' | '.join(
         [_auc(row, 'iid_auc'), _auc(row, 'deconfounded_auc'),
-         _auc(row, 'anticorrelated_auc'), f"{row['probe_auc']:.3f}"]) + ' |')
+         _auc(row, 'anticorrelated_auc'), f"{row['probe_auc']:.3f}",
+         f"{row['nonlinear_probe_auc']:.3f}"]) + ' |')
   top = ', '.join(f"z{item['index']} ({item['score']:.2f})"
                   for item in report['latents'][:settings['num_latents']])
   lines += [
@@ -384,7 +388,7 @@ def markdown(report: dict) -> str:
       f"{report['audit']['confounder_only_auc']:.3f} on the i.i.d. test split.",
       f"The probe is fitted on {FIT_SPLIT} and measured on "
       f"{TEST_SPLITS['deconfounded']}; 0.5 = the confounder cannot be read "
-      'linearly.',
+      '(linearly, or by gradient-boosted trees).',
       '',
       f"Latents most tied to {settings['confounder']} (|2 AUC − 1| on "
       f"{FIT_SPLIT}), the {settings['num_latents']} ignored: {top}.",

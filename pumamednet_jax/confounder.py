@@ -5,6 +5,8 @@ mechanics are tested on synthetic latents with a known confounder direction:
 
   rank_latents     latents ordered by how well each alone tells the confounder
   probe_auc        a held-out linear probe's AUC of the confounder from z
+  nonlinear_probe_auc  the same with gradient-boosted trees: what erasing a
+                   linear direction leaves behind
   ignore           chosen latents set to a constant (their training mean)
   randomise        chosen latents redrawn from their marginal
   fit_eraser       removes the one direction along which a linear classifier
@@ -15,6 +17,7 @@ mechanics are tested on synthetic latents with a known confounder direction:
 import dataclasses
 
 import numpy as np
+from sklearn import ensemble
 from sklearn import linear_model
 from sklearn import metrics
 from sklearn import pipeline
@@ -79,6 +82,18 @@ def probe_auc(fit_latents: np.ndarray, fit_confounder: np.ndarray,
   ignored latent) carry nothing and are harmless.
   """
   probe = linear_probe(fit_latents, fit_confounder, seed=seed)
+  return float(metrics.roc_auc_score(
+      _check_binary(test_confounder, 'test confounder'),
+      probe.predict_proba(test_latents)[:, 1]))
+
+
+def nonlinear_probe_auc(fit_latents: np.ndarray, fit_confounder: np.ndarray,
+                        test_latents: np.ndarray, test_confounder: np.ndarray,
+                        *, seed: int = 0) -> float:
+  """AUC on a held-out set of gradient-boosted trees reading the confounder
+  from z: 0.5 only when no function of z, linear or not, tells it."""
+  probe = ensemble.HistGradientBoostingClassifier(random_state=seed).fit(
+      fit_latents, _check_binary(fit_confounder, 'confounder'))
   return float(metrics.roc_auc_score(
       _check_binary(test_confounder, 'test confounder'),
       probe.predict_proba(test_latents)[:, 1]))

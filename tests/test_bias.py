@@ -69,6 +69,9 @@ def test_analysis_finds_the_shortcut_and_erasure_removes_it():
   for method in ('projected', 'projected_refitted'):
     assert abs(mitigated[method]['probe_auc'] - 0.5) < 0.05, method
   assert mitigated['refitted_all']['probe_auc'] == audit['probe_auc']
+  # The device is a shift of the mean: once erased, no function reads it.
+  assert audit['nonlinear_probe_auc'] > 0.9
+  assert mitigated['projected']['nonlinear_probe_auc'] < 0.6
   best = mitigated['projected_refitted']
   assert best['anticorrelated_auc'] > audit['anticorrelated_auc'] + 0.1
   assert abs(best['anticorrelated_auc'] - best['deconfounded_auc']) < 0.05
@@ -130,26 +133,29 @@ def test_command_audits_a_trained_checkpoint(tmp_path):
 
 def _report(iid, anti, mitigated_anti):
   measures = lambda a: {'iid_auc': iid, 'deconfounded_auc': 0.8,
-                        'anticorrelated_auc': a, 'probe_auc': 0.7}
+                        'anticorrelated_auc': a, 'probe_auc': 0.7,
+                        'nonlinear_probe_auc': 0.75}
   return {'audit': measures(anti),
           'mitigated': {'projected': measures(mitigated_anti)}}
 
 
 def test_study_table_measures_the_gap_closed_and_the_distance_to_unconfounded():
   rows = bias_study.table_rows({0.8: _report(0.9, 0.6, 0.8),
-                                0.0: _report(0.85, 0.84, 0.84)})
+                                0.0: _report(0.85, 0.84, 0.88)})
   assert [(r['strength'], r['method']) for r in rows] == [
       (0.0, 'none'), (0.0, 'projected'), (0.8, 'none'), (0.8, 'projected')]
   assert rows[3]['gap_closed'] == pytest.approx(2 / 3)
   assert rows[3]['anti_vs_unconfounded'] == pytest.approx(-0.04)
+  assert rows[3]['anti_vs_unconfounded_same_method'] == pytest.approx(-0.08)
+  assert rows[2]['anti_vs_unconfounded_same_method'] == pytest.approx(-0.24)
   assert rows[2]['gap_closed'] == 0.0
   table = bias_study.markdown_table(rows)
-  assert '| 0.8 | projected | 0.900 | 0.800 | 0.800 | 0.700 | 67% | -0.040 |' in (
-      table)
+  assert ('| 0.8 | projected | 0.900 | 0.800 | 0.800 | 0.700 | 0.750 | 67% | -0.040 '
+          '| -0.080 |') in table
   alone = bias_study.table_rows({1.0: _report(0.9, 0.9, 0.8)})
   assert alone[1]['gap_closed'] is None and alone[1][
       'anti_vs_unconfounded'] is None
-  assert '| – | – |' in bias_study.markdown_table(alone)
+  assert '| – | – | – |' in bias_study.markdown_table(alone)
 
 
 def test_study_trains_audits_and_tabulates_each_strength(tmp_path):

@@ -110,6 +110,24 @@ def test_erasure_removes_a_confounded_shortcut_from_a_refitted_head():
   assert erased > shortcut + 0.1, (shortcut, erased)
 
 
+def test_erasure_leaves_a_confounder_that_only_a_nonlinear_probe_reads():
+  # The confounder widens two latents without moving their mean: invisible
+  # to a linear probe and to the eraser, plain to gradient-boosted trees.
+  rng = np.random.default_rng(9)
+  def widened(count):
+    confounder = (rng.random(count) < 0.5).astype(int)
+    latents = rng.standard_normal((count, NUM_LATENTS)).astype(np.float32)
+    latents[:, list(CONFOUNDER_LATENTS)] *= np.where(confounder, 3.0, 1.0)[:, None]
+    return latents, confounder
+  (fit, fit_confounder), (test, test_confounder) = widened(3000), widened(2000)
+  eraser = confounder_lib.fit_eraser(fit, fit_confounder)
+  for latents in ((fit, test), (eraser(fit), eraser(test))):
+    assert abs(confounder_lib.probe_auc(
+        latents[0], fit_confounder, latents[1], test_confounder) - 0.5) < 0.05
+    assert confounder_lib.nonlinear_probe_auc(
+        latents[0], fit_confounder, latents[1], test_confounder) > 0.8
+
+
 def test_randomise_draws_each_latent_from_its_marginal():
   latents, _, confounder = _latents(3000, 8, with_target=0.0)
   pool = latents[:1000]
