@@ -32,6 +32,7 @@ import resource
 import statistics
 import time
 
+import cpuinfo
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -363,6 +364,7 @@ def run(config, *, vs_torch: bool, rounds: int, steps: int,
       'device_count': jax.device_count(),
       'backend': policy.platform,
       'cpu_threads': threads,
+      'cpu_model': cpu_model(),
       # Changes both frameworks' speed on the CPU (huge pages: README, Performance).
       'glibc_tunables': os.environ.get('GLIBC_TUNABLES', ''),
       'params': models.count_params_tree(models.abstract_params(model_config)),
@@ -452,11 +454,25 @@ def run(config, *, vs_torch: bool, rounds: int, steps: int,
   return results
 
 
+# Vector extensions that move the CPU figures (AVX2 vs AVX-512 machines).
+VECTOR_FLAGS = ('avx2', 'avx512f', 'avx512_bf16', 'amx_tile')
+
+
+def cpu_model() -> str:
+  """The CPU's name and vector extensions, e.g. 'AMD EPYC (avx2, avx512f)':
+  CPU ratios are only comparable on the same kind of CPU."""
+  info = cpuinfo.get_cpu_info()
+  flags_ = [f for f in VECTOR_FLAGS if f in info.get('flags', ())]
+  name = info.get('brand_raw') or info.get('arch') or 'unknown CPU'
+  return f"{name} ({', '.join(flags_) or 'no AVX2'})"
+
+
 def format_table(results: dict) -> str:
   """The results as a human-readable table."""
   rows = [
       ('device', f"{results['device_count']} × {results['device_kind']} "
-                 f"({results['backend']}, {results['cpu_threads']} CPU threads)"),
+                 f"({results['backend']}, {results['cpu_threads']} CPU threads "
+                 f"of {results['cpu_model']})"),
       ('allocator', f"GLIBC_TUNABLES={results['glibc_tunables']}"
                     if results['glibc_tunables'] else 'glibc defaults'),
       ('config', f"{results['config_dataset']}, {results['image_size']} px, "

@@ -76,6 +76,7 @@ def test_benchmark_reports_every_figure(phantom_data_dir):
   assert results['micro_batch_size'] == 4
   assert results['dtype'] == 'bfloat16'
   assert results['device_count'] >= 1 and results['device_kind']
+  assert results['cpu_model'] in benchmark.format_table(results)
   np.testing.assert_allclose(
       results['achieved_gflops'],
       results['train_flops_per_image'] * results['train_images_per_sec'] / 1e9)
@@ -130,3 +131,13 @@ def test_timing_counts_the_page_faults_of_fresh_memory():
   assert fresh_faults >= 16
   assert reused_faults < fresh_faults / 4
 
+
+
+def test_cpu_model_names_the_cpu_and_its_vector_extensions():
+  described = benchmark.cpu_model()
+  with open('/proc/cpuinfo', encoding='utf-8') as file:
+    names = {line.split(':', 1)[1].strip() for line in file
+             if line.startswith('model name')}
+  assert any(described.startswith(name) for name in names), (described, names)
+  assert described.endswith(')') and (
+      'avx2' in described or 'no AVX2' in described)
