@@ -99,15 +99,19 @@ Scorer = Callable[[np.ndarray], np.ndarray]  # latents → target scores
 
 
 def phantom_builder(config):
-  """The prepared phantom of the config (rendered on first use)."""
+  """The phantom of the config (`render` prepares it)."""
   from input_pipeline import pipeline  # pylint: disable=g-import-not-at-top
   if config.dataset != 'cxr_phantom':
     raise ValueError('config.dataset: the bias audit needs the phantom '
                      f"('cxr_phantom'), whose confounder is known; got "
                      f'{config.dataset!r}')
-  builder = pipeline.get_builder(config)
+  return pipeline.get_builder(config)
+
+
+def render(builder) -> None:
+  """Renders the phantom on first use."""
+  from input_pipeline import pipeline  # pylint: disable=g-import-not-at-top
   pipeline.prepare(builder)
-  return builder
 
 
 def _target_of(builder, target: str) -> Callable[[dict], np.ndarray]:
@@ -185,6 +189,9 @@ def load_model(workdir: str, step: int | None, image_size: int,
   model_config, params, policy, step = (
       checkpoint.model_config, checkpoint.params, checkpoint.policy,
       checkpoint.step)
+  models.require_pumamednet(
+      model_config, workdir, 'the audit and its mitigation need a latent code '
+      'and a decoder (a PumaMedNet checkpoint)')
   if model_config.image_size != image_size:
     raise ValueError(
         f'config.image_size = {image_size}, but the checkpoint in {workdir} '
@@ -416,7 +423,10 @@ def audit_and_mitigate(config, workdir: str, out: str, *,
   and confounder_latents.png to `out` and returns bias.json's content."""
   builder = phantom_builder(config)
   target = target or phantom.CONFOUNDER_TARGETS[config.phantom.variant]
+  # The model before the phantom is rendered: a checkpoint it cannot use is
+  # refused first.
   model = load_model(workdir, step, config.image_size, target)
+  render(builder)
   splits = {}
   for name in SPLITS:
     splits[name] = encode_split(builder, name, model.encode, target=target,

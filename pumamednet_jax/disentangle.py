@@ -80,6 +80,9 @@ def load_encoder(workdir: str):
   checkpoint = inference.load_on_device(workdir)
   model_config, params, policy = (checkpoint.model_config, checkpoint.params,
                                   checkpoint.policy)
+  models.require_pumamednet(
+      model_config, workdir,
+      'disentangle: the metrics score a latent code (a PumaMedNet checkpoint)')
 
   @functools.partial(jax.jit, compiler_options=policy.compiler_options or None)
   def encode(params, images):

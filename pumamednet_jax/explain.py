@@ -52,6 +52,7 @@ from pumamednet_jax import faithfulness
 from pumamednet_jax import judge as judge_lib
 from pumamednet_jax import inference
 from pumamednet_jax import latent as latent_lib
+from pumamednet_jax import models
 from pumamednet_jax import parallel
 
 ALPHAS = tuple(np.round(np.linspace(-2.0, 2.0, 9), 3))
@@ -110,6 +111,9 @@ def load(workdir: str, config, step: int | None):
                            (parallel.AXIS,))
   checkpoint = inference.load_checkpoint(workdir, mesh, step,
                                          compute_from=config)
+  models.require_pumamednet(
+      checkpoint.model_config, workdir, 'the explanations need a latent code '
+      'and a decoder (a PumaMedNet checkpoint)')
   if checkpoint.model_config.image_size != config.image_size:
     raise ValueError(
         f'the checkpoint in {checkpoints.checkpoint_dir(workdir)} reads '

@@ -5,6 +5,8 @@
 
 writes `model.safetensors` (a PyTorch state dict for `torch_model.PumaMedNet`)
 and, beside it, `model.json` (the architecture: `torch_model.ModelConfig`).
+The port has only the PumaMedNet architecture: a ResNet-18 checkpoint is
+refused.
 """
 
 from absl import app
@@ -12,7 +14,18 @@ from absl import flags
 from absl import logging
 
 from pumamednet_jax import checkpoints
+from pumamednet_jax import models
 from pumamednet_jax import torch_convert
+
+
+def export(workdir: str, output: str, step: int | None = None) -> str:
+  """Writes the checkpoint's weights to `output`; returns the JSON's path."""
+  model_config, params = checkpoints.load_params(workdir, step)
+  models.require_pumamednet(
+      model_config, workdir,
+      'export_torch: the PyTorch port has only the PumaMedNet architecture')
+  return torch_convert.save_safetensors(output, model_config, params)
+
 
 def _define_flags():
   """The command's flags (defined only when run as a command)."""
@@ -30,8 +43,7 @@ def _define_flags():
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  model_config, params = checkpoints.load_params(flags.FLAGS.workdir, flags.FLAGS.step)
-  json_path = torch_convert.save_safetensors(flags.FLAGS.output, model_config, params)
+  json_path = export(flags.FLAGS.workdir, flags.FLAGS.output, flags.FLAGS.step)
   logging.info('Wrote %s and %s', flags.FLAGS.output, json_path)
 
 

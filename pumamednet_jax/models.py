@@ -344,6 +344,15 @@ def has_decoder(model_config: ModelConfig) -> bool:
   return model_config.arch == PUMAMEDNET
 
 
+def require_pumamednet(model_config: ModelConfig, workdir: str,
+                       why: str) -> None:
+  """Refuses the checkpoint of `workdir` unless it is a PumaMedNet: `why`
+  says what needs one (e.g. 'disentangle needs a latent code')."""
+  if model_config.arch != PUMAMEDNET:
+    raise ValueError(f'{why}, but the checkpoint in {workdir} has the '
+                     f'{model_config.arch} architecture')
+
+
 def batch_stats(model: nnx.Module) -> dict:
   """The BatchNorm statistics of a bound model (after a training forward
   pass: the updated ones), as a nested dict; {} for PumaMedNet."""

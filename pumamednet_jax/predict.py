@@ -19,7 +19,10 @@ default device. DIR receives:
       `top_finding`; the JSON also describes every column.
   corrected/<path>.png  the input at the model's size beside its
       reconstruction; <path> is the file's path below the PATH it was found in.
-  explain/<path>.png  with --explain: latent-shift frames for the top finding.
+      Not written for a ResNet-18 checkpoint, which does not reconstruct (its
+      rows' `corrected` is empty).
+  explain/<path>.png  with --explain: latent-shift frames for the top finding
+      (a PumaMedNet checkpoint only: they need its latent code and decoder).
 
 The exit status is 2 when any file could not be read, 0 otherwise.
 """
@@ -251,8 +254,9 @@ def _jit(fn, policy: platform_lib.Policy):
 def model_outputs(params: dict, images: jax.Array, *,
                   model_config: models.ModelConfig,
                   policy: platform_lib.Policy):
-  """(B, S, S) reconstructions and {head: scores} of (B, S, S) uint8 images,
-  computed as the eval step does (z = mu; chunks on the CPU)."""
+  """(B, S, S) reconstructions (None for a model without a decoder) and
+  {head: scores} of (B, S, S) uint8 images, computed as the eval step does
+  (z = mu; chunks on the CPU)."""
   model = models.bind(model_config, params)
   inputs = images[..., None].astype(jnp.float32) / 255.0
   reconstruction, head_outputs, _ = models.in_chunks(
@@ -260,6 +264,8 @@ def model_outputs(params: dict, images: jax.Array, *,
       policy.inference_chunk(inputs.shape))
   scores = {head.name: models.head_scores(head, head_outputs[head.name])
             for head in model_config.heads}
+  if reconstruction is None:
+    return None, scores
   return reconstruction[..., 0], scores
 
 
@@ -313,6 +319,14 @@ def predict(paths, out: str, *, workdir: str | None = None,
     raise ValueError(f'no image files in {", ".join(map(str, paths))}')
   model = load_model(workdir=workdir, step=step, weights=weights,
                      model_config=model_config, report=report)
+  if explain:
+    models.require_pumamednet(
+        model.config, workdir or weights, '--explain needs a latent code and '
+        'a decoder (a PumaMedNet checkpoint)')
+  reconstructs = models.has_decoder(model.config)
+  if not reconstructs:
+    logging.warning('predict: the model (%s) does not reconstruct its input; '
+                    'no %s/ images', model.config.arch, CORRECTED_DIR)
   check_output_dir(out, overwrite)  # After loading: a bad model keeps them.
   batch_size = min(batch_size, len(inputs))
   size = model.config.image_size
@@ -333,7 +347,8 @@ def predict(paths, out: str, *, workdir: str | None = None,
       model_seconds += time.perf_counter() - begin
       for i, (item, image, warning) in enumerate(pending):
         mine = {name: values[i] for name, values in scores.items()}
-        rows[item] = _write_outputs(out, item, image, reconstructions[i], mine,
+        reconstruction = None if reconstructions is None else reconstructions[i]
+        rows[item] = _write_outputs(out, item, image, reconstruction, mine,
                                     warning, model, explain_fn)
       pending.clear()
 
@@ -348,7 +363,10 @@ def predict(paths, out: str, *, workdir: str | None = None,
       run_batch()
     compiled.result()  # Raises a compile error even when nothing decoded.
   ordered = [rows[item] for item in inputs]
-  outputs = {'corrected': f'input | reconstruction, under {CORRECTED_DIR}/'}
+  outputs = {'corrected': (
+      f'input | reconstruction, under {CORRECTED_DIR}/' if reconstructs
+      else f'empty: the model ({model.config.arch}) does not reconstruct its '
+      'input')}
   if explain:
     outputs['explanation'] = (
         f'latent-shift frames of the top finding, under {EXPLAIN_DIR}/')
@@ -356,7 +374,7 @@ def predict(paths, out: str, *, workdir: str | None = None,
       out, ordered, table.column_descriptions(
           model.config.heads, model.thresholds, model.thresholds_source,
           outputs),
-      {'model': {'source': model.source,
+      {'model': {'source': model.source, 'arch': model.config.arch,
                  'image_size': model.config.image_size,
                  'heads': [head.to_json() for head in model.config.heads]},
        'thresholds': model.thresholds_source})
@@ -364,18 +382,23 @@ def predict(paths, out: str, *, workdir: str | None = None,
 
 
 def _write_outputs(out: str, item: Input, image: np.ndarray,
-                   reconstruction: np.ndarray, scores: dict[str, np.ndarray],
-                   warning: str, model: Model, explain_fn) -> dict:
-  """One image's row; writes its corrected image (and its explanation)."""
+                   reconstruction: np.ndarray | None,
+                   scores: dict[str, np.ndarray], warning: str, model: Model,
+                   explain_fn) -> dict:
+  """One image's row; writes its corrected image where the model
+  reconstructs (and its explanation)."""
   if not all(np.all(np.isfinite(values)) for values in scores.values()):
     return {'file': item.file, 'warning': warning,
             'error': 'the model\'s output is not finite (NaN or inf)'}
   row = {'file': item.file, 'error': '', 'warning': warning}
   row.update(table.prediction_row(model.config.heads, model.thresholds,
                                   scores))
-  corrected = np.clip(np.rint(reconstruction * 255.0), 0, 255).astype(np.uint8)
-  row['corrected'] = _write_png(
-      out, CORRECTED_DIR, item.name, np.concatenate([image, corrected], axis=1))
+  if reconstruction is not None:
+    corrected = np.clip(np.rint(reconstruction * 255.0), 0,
+                        255).astype(np.uint8)
+    row['corrected'] = _write_png(
+        out, CORRECTED_DIR, item.name,
+        np.concatenate([image, corrected], axis=1))
   if explain_fn is not None:
     head = table.finding_head(model.config.heads)
     index = head.names.index(row['top_finding'])
@@ -417,7 +440,8 @@ def _define_flags():
   flags.DEFINE_string('out', None, 'Output folder.')
   flags.DEFINE_integer('batch', 32, 'Images per model call.')
   flags.DEFINE_bool(
-      'explain', False, 'Also write latent-shift explanations of the top finding.')
+      'explain', False, 'Also write latent-shift explanations of the top '
+      'finding (PumaMedNet checkpoints only).')
   flags.DEFINE_bool(
       'overwrite', False, 'Replace the results that --out already holds.')
   flags.DEFINE_integer(

@@ -16,6 +16,7 @@ from sklearn import metrics as sk_metrics
 
 from input_pipeline import heads as heads_lib
 from pumamednet_jax import inference
+from pumamednet_jax import models
 
 # defects.png only for a model with a decoder.
 FILES = ('predictions.csv', 'report.json', 'report.md', 'roc.png',
@@ -283,15 +284,20 @@ def summary_lines(report: dict) -> list[str]:
   return lines
 
 
-def run_summary_lines(report: dict, workdir: str) -> list[str]:
+def run_summary_lines(report: dict, workdir: str,
+                      model_config: models.ModelConfig) -> list[str]:
   """The end of a training run: the final report's figures, where the run's
-  files are, and the next commands."""
+  files are, and the next commands (export_torch only for PumaMedNet, the
+  architecture of the PyTorch port)."""
   workdir = os.path.abspath(workdir)
-  return summary_lines(report) + [
-      f'checkpoints: {os.path.join(workdir, "checkpoints")}',
-      f'image grids: {os.path.join(workdir, "images")}',
-      f'TensorBoard events: {workdir}',
-      f'next: tensorboard --logdir {workdir}',
-      f'next: python -m pumamednet_jax.export_torch --workdir {workdir} '
-      f'--output {os.path.join(workdir, "model.safetensors")}',
-  ]
+  lines = summary_lines(report) + [
+      f'checkpoints: {os.path.join(workdir, "checkpoints")}']
+  if models.has_decoder(model_config):  # no grids without a reconstruction
+    lines.append(f'image grids: {os.path.join(workdir, "images")}')
+  lines += [f'TensorBoard events: {workdir}',
+            f'next: tensorboard --logdir {workdir}']
+  if model_config.arch == models.PUMAMEDNET:
+    lines.append(
+        f'next: python -m pumamednet_jax.export_torch --workdir {workdir} '
+        f'--output {os.path.join(workdir, "model.safetensors")}')
+  return lines

@@ -514,7 +514,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   from pumamednet_jax import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
   from pumamednet_jax import report as report_lib  # pylint: disable=g-import-not-at-top
   final = evaluate_lib.evaluate(config, workdir, report_split(config, sources))
-  for line in report_lib.run_summary_lines(final, workdir):
+  for line in report_lib.run_summary_lines(final, workdir, model_config):
     logging.info('%s', line)
   return report
 
