@@ -43,7 +43,11 @@ def _define_flags():
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  json_path = export(flags.FLAGS.workdir, flags.FLAGS.output, flags.FLAGS.step)
+  try:
+    json_path = export(flags.FLAGS.workdir, flags.FLAGS.output,
+                       flags.FLAGS.step)
+  except (ValueError, FileNotFoundError) as error:
+    raise SystemExit(f'export_torch: {error}') from None
   logging.info('Wrote %s and %s', flags.FLAGS.output, json_path)
 
 
