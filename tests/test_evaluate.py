@@ -117,6 +117,20 @@ def test_evaluate_writes_a_report_that_predictions_reproduce(trained, tmp_path):
   assert '| **Mean AUC**' in markdown and 'Paper' not in markdown
 
 
+def _head_rows(heads, outputs, num_resamples):
+  """evaluate.head_rows of `outputs` (the test split, thresholds from the
+  same columns), and the bootstrap replicates behind them."""
+  columns = evaluate.binary_columns(heads, outputs)
+  resampling = stats.Resampling(
+      len(columns[0].targets), events=evaluate.class_events(columns),
+      num_resamples=num_resamples)
+  replicates = stats.bootstrap(
+      evaluate.bootstrap_statistics(columns, outputs, heads), resampling)
+  rows = evaluate.head_rows(columns, {c.name: c for c in columns}, replicates,
+                            'test', 'validation')
+  return rows, replicates
+
+
 def test_a_label_without_positives_is_na_and_the_rest_is_written():
   heads = (heads_lib.HeadSpec('labels', heads_lib.MULTILABEL, ('A', 'B')),)
   rng = np.random.default_rng(0)
@@ -125,13 +139,7 @@ def test_a_label_without_positives_is_na_and_the_rest_is_written():
   score = rng.random((50, 2)).astype(np.float32)
   outputs = {'labels/score': score, 'labels/target': target,
              'labels/mask': np.ones_like(target)}
-  columns = evaluate.binary_columns(heads, outputs)
-  resampling = stats.Resampling(
-      50, events=evaluate.class_events(columns), num_resamples=200)
-  replicates = stats.bootstrap(
-      evaluate.bootstrap_statistics(columns, outputs, heads), resampling)
-  rows = evaluate.head_rows(columns, {c.name: c for c in columns}, replicates,
-                            'test', 'validation')
+  rows, replicates = _head_rows(heads, outputs, num_resamples=200)
   assert rows['labels/B'] == {'n_pos': 0, 'n_neg': 50, 'auc': None,
                               'note': 'n/a: no positive example in the test split'}
   assert rows['labels/A']['auc'] == pytest.approx(
@@ -146,13 +154,7 @@ def test_a_perfectly_separated_head_says_why_its_interval_has_no_width():
   score = (target + np.random.default_rng(0).random(target.shape) * 0.5)
   outputs = {'view/score': score.astype(np.float32), 'view/target': target,
              'view/mask': np.ones_like(target)}
-  columns = evaluate.binary_columns(heads, outputs)
-  resampling = stats.Resampling(
-      50, events=evaluate.class_events(columns), num_resamples=100)
-  replicates = stats.bootstrap(
-      evaluate.bootstrap_statistics(columns, outputs, heads), resampling)
-  row = evaluate.head_rows(columns, {c.name: c for c in columns}, replicates,
-                           'test', 'validation')['view']
+  row = _head_rows(heads, outputs, num_resamples=100)[0]['view']
   assert row['auc'] == row['ci_low'] == row['ci_high'] == 1.0
   assert row['auc_lower_bound'] == pytest.approx(0.05 ** (1 / 20))
   assert 'no width' in row['note'] and '20 disjoint' in row['note']
