@@ -117,6 +117,16 @@ def run_study(config, out: str, *, strengths=STRENGTHS, num_latents: int = 10,
   return rows
 
 
+def _define_flags():
+  """The command's flags (defined only when run as a command)."""
+  config_flags.DEFINE_config_file('config', None, 'Configuration file.',
+                                  lock_config=True)
+  flags.DEFINE_string('out', None, 'Directory of the runs and the table.')
+  flags.DEFINE_integer('num_latents', 10, 'Top-ranked latents to ignore.')
+  flags.DEFINE_integer('bootstrap', 1000, 'Bootstrap resamples per AUC.')
+  flags.mark_flags_as_required(['config', 'out'])
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
@@ -129,10 +139,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  config_flags.DEFINE_config_file('config', None, 'Configuration file.',
-                                  lock_config=True)
-  flags.DEFINE_string('out', None, 'Directory of the runs and the table.')
-  flags.DEFINE_integer('num_latents', 10, 'Top-ranked latents to ignore.')
-  flags.DEFINE_integer('bootstrap', 1000, 'Bootstrap resamples per AUC.')
-  flags.mark_flags_as_required(['config', 'out'])
+  _define_flags()
   app.run(main)

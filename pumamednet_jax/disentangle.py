@@ -240,6 +240,19 @@ def disentangle(workdir: str, out: str, *, num_samples: int = dis.NUM_TRAIN,
   return metrics
 
 
+def _define_flags():
+  """The command's flags (defined only when run as a command)."""
+  flags.DEFINE_string('workdir', None, 'Training directory with checkpoints.')
+  flags.DEFINE_string('out', None, 'Directory for metrics.json and mi.png.')
+  flags.DEFINE_integer('num_samples', dis.NUM_TRAIN,
+                       'Examples that train the predictors (half as many test).')
+  flags.DEFINE_integer('factor_vae_votes', FACTOR_VAE_VOTES,
+                       'FactorVAE training votes of 64 images each (half as '
+                       'many evaluation votes).')
+  flags.DEFINE_integer('seed', 0, 'Seed of the rendered examples.')
+  flags.mark_flags_as_required(['workdir', 'out'])
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
@@ -252,13 +265,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  flags.DEFINE_string('workdir', None, 'Training directory with checkpoints.')
-  flags.DEFINE_string('out', None, 'Directory for metrics.json and mi.png.')
-  flags.DEFINE_integer('num_samples', dis.NUM_TRAIN,
-                       'Examples that train the predictors (half as many test).')
-  flags.DEFINE_integer('factor_vae_votes', FACTOR_VAE_VOTES,
-                       'FactorVAE training votes of 64 images each (half as '
-                       'many evaluation votes).')
-  flags.DEFINE_integer('seed', 0, 'Seed of the rendered examples.')
-  flags.mark_flags_as_required(['workdir', 'out'])
+  _define_flags()
   app.run(main)

@@ -99,6 +99,18 @@ def run_study(config, out: str, *, settings: dict[str, dict[str, Any]] = None,
   return rows
 
 
+def _define_flags():
+  """The command's flags (defined only when run as a command)."""
+  config_flags.DEFINE_config_file('config', None, 'Configuration file.',
+                                  lock_config=True)
+  flags.DEFINE_string('out', None, 'Directory of the runs and the table.')
+  flags.DEFINE_integer('num_samples', disentanglement.NUM_TRAIN,
+                       'Examples per disentangle run (half as many test).')
+  flags.DEFINE_integer('factor_vae_votes', disentangle.FACTOR_VAE_VOTES,
+                       'FactorVAE training votes per disentangle run.')
+  flags.mark_flags_as_required(['config', 'out'])
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
@@ -109,12 +121,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  config_flags.DEFINE_config_file('config', None, 'Configuration file.',
-                                  lock_config=True)
-  flags.DEFINE_string('out', None, 'Directory of the runs and the table.')
-  flags.DEFINE_integer('num_samples', disentanglement.NUM_TRAIN,
-                       'Examples per disentangle run (half as many test).')
-  flags.DEFINE_integer('factor_vae_votes', disentangle.FACTOR_VAE_VOTES,
-                       'FactorVAE training votes per disentangle run.')
-  flags.mark_flags_as_required(['config', 'out'])
+  _define_flags()
   app.run(main)
