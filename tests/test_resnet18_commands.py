@@ -24,8 +24,7 @@ from pumamednet_jax import report as report_lib
 from e2e_support import shrink
 
 REAL_PNG = '00000001_000.png'
-HEADS = (heads_lib.HeadSpec('labels', heads_lib.MULTILABEL, labels_lib.LABELS),
-         heads_lib.HeadSpec('view', heads_lib.BINARY, labels_lib.VIEWS))
+HEADS = heads_lib.chestxray14_heads()[:2]  # findings and view
 
 
 def tiny_config(arch: str, data_dir: str = ''):
